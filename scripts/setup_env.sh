@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Creates .venv with the pinned CPU torch and the test/benchmark dependencies.
+# Idempotent: a second run with an unchanged requirements-dev.txt does nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+stamp=.venv/.stamp-$(cat requirements-dev.txt scripts/setup_env.sh | sha1sum | cut -c1-12)
+if [ -f "$stamp" ]; then exit 0; fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# torch first, pinned: a CPU build on local disk (an unpinned torch would pull a CUDA build).
+python -m pip install -q torch==2.13.0
+echo "torch==2.13.0" > .venv/torch-constraint.txt
+python -m pip install -q -c .venv/torch-constraint.txt -r requirements-dev.txt
+rm -f .venv/.stamp-*
+touch "$stamp"
