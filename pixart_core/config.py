@@ -108,7 +108,7 @@ def preset(name: str) -> PixArtConfig:
 
 
 def tiny(**changes) -> PixArtConfig:
-    """A small model on the same code path, for tests: hidden 64, depth 2, caption width 32."""
+    """A small model on the same code path, for tests: hidden 64, depth 2, caption width 32, Σ-256 geometry."""
     base = PixArtConfig(depth=2, hidden_size=64, num_heads=4, caption_channels=32, model_max_length=16,
-                        sample_size=16, pe_interpolation=0.5, resolution=256)
+                        sample_size=32, pe_interpolation=0.5, resolution=256)
     return base.replace(**changes)

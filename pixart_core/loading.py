@@ -379,7 +379,7 @@ def config_from_preset(name: str, raw: RawCheckpoint, **overrides) -> PixArtConf
 # building the model
 # -------------------------------------------------------------------------------------------------
 
-def check_state_dict(sd: dict, model: torch.nn.Module, path) -> list[str]:
+def check_state_dict(sd: dict, model: torch.nn.Module, path, what="the detected configuration") -> list[str]:
     """Refuse missing/unexpected keys and shape mismatches; returns KV-compression keys to initialise."""
     expected = model.state_dict()
     given = {k for k in sd if k not in IGNORED_KEYS}
@@ -397,7 +397,7 @@ def check_state_dict(sd: dict, model: torch.nn.Module, path) -> list[str]:
             problems.append(f"{k} has shape {tuple(sd[k].shape)} but the configuration needs {tuple(expected[k].shape)}")
             break
     if problems:
-        raise CheckpointError(f"{path}: does not match the PixArt configuration: " + "; ".join(problems)
+        raise CheckpointError(f"{path}: does not match {what}: " + "; ".join(problems)
                               + " - pick the matching preset or 'auto'")
     for k, v in sd.items():
         if v.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
@@ -407,11 +407,11 @@ def check_state_dict(sd: dict, model: torch.nn.Module, path) -> list[str]:
 
 
 def build_model(config: PixArtConfig, sd: dict, path="", dtype=None, compute_dtype=None, device="cpu",
-                operations=None) -> PixArt:
+                operations=None, what="the detected configuration") -> PixArt:
     """Model on the meta device, then the tensors assigned (no second copy of the weights)."""
     compute_dtype = compute_dtype or (dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32)
     model = PixArt(config, dtype=compute_dtype, device="meta", operations=operations)
-    kv_missing = check_state_dict(sd, model, path)
+    kv_missing = check_state_dict(sd, model, path, what)
     state = {}
     for k, v in sd.items():
         if k in IGNORED_KEYS:
@@ -455,7 +455,8 @@ def load_pixart(path, preset: str | None = None, dtype=None, compute_dtype=None,
         config, sources = config_from_preset(preset, raw, **overrides), {"*": f"preset {preset}"}
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
-    model = build_model(config, raw.state_dict, raw.path, dtype, compute_dtype, device, operations)
+    what = "the detected configuration" if preset in (None, "auto") else f"preset {preset}"
+    model = build_model(config, raw.state_dict, raw.path, dtype, compute_dtype, device, operations, what)
     return LoadedPixArt(model, config, sources, raw.layout, raw.path, "y_embedder.y_embedding" in raw.state_dict)
 
 
