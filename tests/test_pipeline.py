@@ -1,0 +1,115 @@
+"""The standalone text-to-latent pipeline and the command line, on a tiny PixArt and a tiny T5."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pixart_core.__main__ import main
+from pixart_core.config import tiny
+from pixart_core.loading import save_checkpoint
+from pixart_core.pipeline import Conditioning, Interrupted, generate, null_conditioning
+from pixart_core.t5 import load_t5
+from tests.pixart_fixtures import random_model
+from tests.t5_fixtures import write_tiny_t5_hf_folder
+
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory):
+    return write_tiny_t5_hf_folder(tmp_path_factory.mktemp("t5") / "text_encoder")
+
+
+@pytest.fixture(scope="module")
+def encoder(t5_dir):
+    return load_t5(t5_dir)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(tiny(model_max_length=300)).eval()
+
+
+def cond(encoder, text, length=300):
+    return Conditioning(*encoder.encode([text], max_length=length))
+
+
+def test_deterministic_for_a_seed_and_binned(model, encoder):
+    p, n = cond(encoder, "a photo of a cat"), cond(encoder, "")
+    a = generate(model, p, n, height=200, width=300, steps=4, seed=7)
+    b = generate(model, p, n, height=200, width=300, steps=4, seed=7)
+    c = generate(model, p, n, height=200, width=300, steps=4, seed=8)
+    assert (a.height, a.width) == (208, 304) and a.requested == (200, 300)  # nearest 256-table bin: 0.68
+    assert a.latents.shape == (1, 4, 26, 38) and torch.isfinite(a.latents).all()
+    assert torch.equal(a.latents, b.latents) and not torch.equal(a.latents, c.latents)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler", "ddim", "sa_solver"])
+def test_every_sampler_runs_deterministically(model, encoder, sampler):
+    p, n = cond(encoder, "a red car"), cond(encoder, "")
+    a = generate(model, p, n, steps=3, sampler=sampler, seed=1, batch=2)
+    b = generate(model, p, n, steps=3, sampler=sampler, seed=1, batch=2)
+    assert a.latents.shape == (2, 4, 32, 32) and torch.equal(a.latents, b.latents)
+    assert a.latents.std() > 0.1
+
+
+def test_null_modes_differ_and_follow_the_spec(model, encoder):
+    p, n = cond(encoder, "a small wooden boat on a lake"), cond(encoder, "")
+    official = null_conditioning("prompt_mask", p, n)
+    assert torch.equal(official.mask, p.mask) and torch.equal(official.embeds, n.embeds)
+    assert torch.equal(null_conditioning("own_mask", p, n).mask, n.mask)
+    y = null_conditioning("y_embedding", p, n, model)
+    assert torch.equal(y.embeds[0], model.y_embedder.y_embedding[:300])
+    outs = [generate(model, p, n, steps=3, null_mode=m).latents for m in ("prompt_mask", "own_mask", "y_embedding")]
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+
+
+def test_progress_and_interrupt(model, encoder):
+    p, n = cond(encoder, "x"), cond(encoder, "")
+    seen = []
+    generate(model, p, n, steps=5, callback=lambda i, total: seen.append((i, total)))
+    assert seen == [(i, 5) for i in range(1, 6)]
+    with pytest.raises(Interrupted):
+        generate(model, p, n, steps=5, should_stop=lambda: len(seen) >= 7,
+                 callback=lambda i, total: seen.append(i))
+    assert len(seen) == 7  # stopped right after the second step
+
+
+def test_img2img_keeps_the_init(model, encoder):
+    p, n = cond(encoder, "x"), cond(encoder, "")
+    init = torch.randn(1, 4, 32, 32) * 5
+    weak = generate(model, p, n, steps=10, denoise=0.2, init_latents=init).latents
+    strong = generate(model, p, n, steps=10, denoise=1.0).latents
+    assert (weak - init).norm() < 0.5 * (strong - init).norm()
+
+
+def test_bad_requests(model, encoder):
+    p, n = cond(encoder, "x"), cond(encoder, "")
+    with pytest.raises(ValueError, match="16"):
+        generate(model, p, n, height=1000, width=1001, steps=2, binning=False)
+    with pytest.raises(ValueError, match="unknown sampler 'heun'"):
+        generate(model, p, n, steps=2, sampler="heun")
+    wide = Conditioning(torch.randn(1, 300, 48), p.mask)
+    with pytest.raises(ValueError, match="48 wide but the model expects 32"):
+        generate(model, wide, wide, steps=2)
+
+
+def test_command_line(model, t5_dir, tmp_path, capsys):
+    ckpt = save_checkpoint(model.state_dict(), model.config, tmp_path / "tiny.safetensors")
+    assert main(["inspect", str(ckpt)]) == 0
+    assert "parameters:" in capsys.readouterr().out
+    assert main(["convert", str(ckpt), str(tmp_path / "tiny_diffusers")]) == 0
+    assert (tmp_path / "tiny_diffusers" / "config.json").exists()
+    assert main(["encode", "--t5", str(t5_dir), "--t5-dtype", "fp32", "--prompt", "a cat", str(tmp_path / "e.safetensors")]) == 0
+    enc = load_file(str(tmp_path / "e.safetensors"))
+    assert enc["embeds"].shape == (1, 300, 32) and int(enc["mask"].sum()) == 4  # "▁", "a", "▁cat", EOS
+    assert main(["generate", "--model", str(tmp_path / "tiny_diffusers"), "--t5", str(t5_dir), "--t5-dtype", "fp32",
+                 "--prompt", "a cat", "--height", "256", "--width", "512", "--steps", "2", str(tmp_path / "o.latent")]) == 0
+    latent = load_file(str(tmp_path / "o.latent"))
+    assert latent["latent_tensor"].shape == (1, 4, 22, 44)  # the 0.5 bin of the 256 table: 176x352
+    assert main(["inspect", str(tmp_path / "missing.pth")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["inspect", "convert", "encode", "generate"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0 and "usage:" in capsys.readouterr().out
