@@ -20,7 +20,6 @@ import gc
 import importlib.util
 import json
 import logging
-import os
 import re
 from collections import OrderedDict
 from pathlib import Path
@@ -184,8 +183,8 @@ class T5TextEncoder:
         self.last_truncated = [dropped for _, _, dropped in rows]
         for i, (text, dropped) in enumerate(zip(texts, self.last_truncated)):
             if dropped:
-                log.warning("T5 prompt %d (%r) is %d tokens over max_length=%d; the last %d tokens were dropped",
-                            i, _preview(text), dropped, max_length, dropped)
+                log.warning("T5 prompt %d (%r) is longer than max_length=%d: its last %d tokens were dropped",
+                            i, _preview(text), max_length, dropped)
         embeds = torch.stack([e for e, _, _ in rows]).to(self.device)
         mask = torch.stack([m for _, m, _ in rows]).to(self.device)
         return embeds, mask
@@ -609,7 +608,21 @@ def _find_tokenizer_dir(tokenizer_path, source) -> Path:
         "which ships one in comfy/text_encoders/t5_tokenizer")
 
 
+_tokenizers: dict = {}  # (folder, file mtimes) -> tokenizer; they are read-only once built
+
+
 def _load_tokenizer(folder: Path, vocab_size: int):
+    stamp = tuple((folder / f).stat().st_mtime_ns if (folder / f).is_file() else 0 for f in _TOKENIZER_FILES)
+    tokenizer = _tokenizers.get((str(folder), stamp))
+    if tokenizer is None:
+        tokenizer = _tokenizers[(str(folder), stamp)] = _read_tokenizer(folder)
+    if len(tokenizer) > vocab_size:
+        raise T5LoadError(f"the tokenizer in {folder} has {len(tokenizer)} tokens but the T5 weights only "
+                          f"{vocab_size} embeddings; they do not belong together")
+    return tokenizer
+
+
+def _read_tokenizer(folder: Path):
     from transformers import T5TokenizerFast
 
     try:
@@ -620,7 +633,4 @@ def _load_tokenizer(folder: Path, vocab_size: int):
     if tokenizer.pad_token_id != 0 or tokenizer.eos_token_id != 1:
         raise T5LoadError(f"the tokenizer in {folder} is not a T5 tokenizer (pad id {tokenizer.pad_token_id}, "
                           f"eos id {tokenizer.eos_token_id}; T5 uses 0 and 1)")
-    if len(tokenizer) > vocab_size:
-        raise T5LoadError(f"the tokenizer in {folder} has {len(tokenizer)} tokens but the T5 weights only "
-                          f"{vocab_size} embeddings; they do not belong together")
     return tokenizer
