@@ -142,10 +142,12 @@ def sample_sa_solver(model, x, sigmas, extra_args=None, callback=None, disable=N
 
     One model call per step. As in PixArt's sa_sampler.py: orders ramp up from 1, drop again at the
     end (lower_order_final), τ is read at each step's target σ, and the final step is a deterministic
-    first-order predictor without a corrector.
+    first-order predictor without a corrector. PEC evaluates the model at the predicted point, so for
+    i > 0 the callback's `denoised` belongs to the predictor, not to the corrected x it is shown with.
     """
     if predictor_order < 1 or corrector_order < 0:
-        raise ValueError(f"need predictor_order >= 1 and corrector_order >= 0, got {predictor_order}, {corrector_order}")
+        raise ValueError(f"need predictor_order >= 1 and corrector_order >= 0, "
+                         f"got {predictor_order} and {corrector_order}")
     extra_args = {} if extra_args is None else extra_args
     tau = tau_window() if tau is None else tau
     noise_sampler = default_noise_sampler(x, generator) if noise_sampler is None else noise_sampler
@@ -157,16 +159,15 @@ def sample_sa_solver(model, x, sigmas, extra_args=None, callback=None, disable=N
     for i in trange(n, disable=disable):
         _callback(callback, x, i, sigmas[i], denoised)
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        lam = -math.log(sigma)
-        lambdas, history = (lambdas + [lam])[-keep:], (history + [denoised])[-keep:]
         if sigma_next == 0:
-            x = denoised
+            x = denoised  # λ' = ∞: every Adams weight but the newest vanishes
             break
+        lam, lam_next = -math.log(sigma), -math.log(sigma_next)
+        h = lam_next - lam
+        lambdas, history = (lambdas + [lam])[-keep:], (history + [denoised])[-keep:]
         last = i == n - 1
         t = 0.0 if last else float(tau(sigma_next))
         kappa = 1.0 + t * t
-        lam_next = -math.log(sigma_next)
-        h = lam_next - lam
         noise = 0.0
         if t > 0:
             # The predictor and the corrector share one draw, so the corrector refines the same path.

@@ -2,7 +2,8 @@
 
 Sigmas are in the k-diffusion VE parameterisation, x = x0 + σ·ε, with σ = sqrt((1 - ᾱ) / ᾱ); the
 network sees x / sqrt(1 + σ²) and a timestep in the 0..999 training scale (../shared/pixart_spec.md §6).
-Every step grid returns float32 sigmas, high to low, ending in 0.
+Every step grid returns float32 sigmas, high to low, ending in 0 (the one opt-out is
+sigmas_dpm_time_uniform(..., keep_sigma_min=True), which reproduces the official end point).
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def _as_float64_cpu(v) -> tuple[torch.Tensor, torch.dtype, torch.device]:
 
 
 def timestep_to_sigma(t) -> torch.Tensor:
-    """σ at a (possibly non-integer) timestep: log α piecewise-linear between integer timesteps (DPM-Solver 'discrete')."""
+    """σ at a (possibly non-integer) timestep; log α is piecewise-linear between integers (DPM-Solver 'discrete')."""
     t, dtype, device = _as_float64_cpu(t)
     la = _log_alphas()
     # Outside 0..999 the end segments are extended linearly, as DPM-Solver's interpolate_fn does.
@@ -114,6 +115,8 @@ def diffusers_timesteps(steps: int, spacing: str = "linspace") -> np.ndarray:
 def sigmas_diffusers(steps: int, spacing: str = "linspace") -> torch.Tensor:
     """σ at diffusers' DPMSolverMultistepScheduler timesteps (default config, final_sigmas_type='zero')."""
     ts = torch.from_numpy(diffusers_timesteps(steps, spacing).copy())
+    # "trailing" can end at timestep -1; diffusers' np.interp clamps that to σ_0.
+    ts = ts.clamp(0, NUM_TRAIN_TIMESTEPS - 1)
     # Exact float64 σ at integer timesteps; diffusers builds ᾱ in float32, which is off by up to
     # 8e-5 relative near t = 0 (cancellation in 1 - ᾱ), so the two agree to float32-schedule precision.
     return _append_zero(discrete_sigmas()[ts]).float()
