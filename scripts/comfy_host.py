@@ -137,7 +137,16 @@ def __getattr__(name):
         "torchvision stand-in: %r is unavailable (this host has no real torchvision; "
         "only Stable Cascade, Cosmos and ACE models need it)" % (__name__ + "." + name))
 '''
-_STUB_MODULES = ("", "transforms", "transforms/functional", "models", "ops", "io", "utils")
+_STUB_MODULES = ("", "transforms", "transforms/functional", "transforms/v2", "transforms/v2/functional", "models",
+                 "ops", "io", "utils")
+# transformers treats any findable torchvision as real and imports these names from it at module
+# level (image_utils), e.g. when T5EncoderModel is imported: give it the names, nothing behind them.
+_STUB_EXTRAS = {
+    "transforms": "\nimport enum\n\n\nclass InterpolationMode(enum.Enum):\n    NEAREST = 'nearest'\n"
+                  "    NEAREST_EXACT = 'nearest-exact'\n    BILINEAR = 'bilinear'\n    BICUBIC = 'bicubic'\n"
+                  "    BOX = 'box'\n    HAMMING = 'hamming'\n    LANCZOS = 'lanczos'\n",
+    "transforms/functional": "\n\ndef pil_to_tensor(pic):\n    raise NotImplementedError('torchvision stand-in')\n",
+}
 
 
 def _write_if_changed(path: Path, text: str) -> None:
@@ -150,7 +159,7 @@ def _write_stubs(stubs_dir: Path) -> None:
     pkg = stubs_dir / "torchvision"
     for mod in _STUB_MODULES:
         target = pkg / mod / "__init__.py" if mod else pkg / "__init__.py"
-        _write_if_changed(target, _STUB_INIT)
+        _write_if_changed(target, _STUB_INIT + _STUB_EXTRAS.get(mod, ""))
 
 
 def _write_webroot(webroot: Path) -> None:

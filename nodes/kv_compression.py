@@ -1,0 +1,77 @@
+"""PixArt KV Compression: switch key/value token compression on for chosen self-attention layers."""
+from __future__ import annotations
+
+import re
+
+from comfy_api.latest import io
+
+from ..pixart_core import KVCompress
+from .comfy_model import pixart_config_of, with_kv_compression
+from .common import CATEGORY
+from .loaders import KV_MODES
+
+_ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+
+
+def parse_layers(text: str, depth: int) -> tuple[int, ...]:
+    """'14-27', '0,2,5-9', 'all' or 'none' -> sorted layer indices, checked against the model's depth."""
+    spec = (text or "").strip().lower()
+    if spec == "all":
+        return tuple(range(depth))
+    if spec in ("", "none", "off"):
+        return ()
+    layers = set()
+    for part in spec.split(","):
+        m = _ITEM.match(part)
+        if m is None:
+            raise ValueError(f"layers {text!r} is not a layer list; write numbers and ranges like 14-27 or 0,2,5-9, "
+                             "or all")
+        lo, hi = int(m.group(1)), int(m.group(2) if m.group(2) is not None else m.group(1))
+        if hi < lo:
+            raise ValueError(f"layers {text!r} has the range {lo}-{hi}, which runs backwards; write it as {hi}-{lo}")
+        layers.update(range(lo, hi + 1))
+    bad = sorted(i for i in layers if i >= depth)
+    if bad:
+        raise ValueError(f"layers {text!r} names layer {bad[0]}, but this model has layers 0-{depth - 1}; "
+                         f"use numbers up to {depth - 1} or all")
+    return tuple(sorted(layers))
+
+
+class PixArtSuiteKVCompression(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PixArtSuiteKVCompression",
+            display_name="PixArt KV Compression",
+            category=CATEGORY,
+            description="PixArt-Σ's KV token compression: the chosen self-attention layers attend to keys/values "
+                        "pooled ratio x ratio, which makes 2K-4K generation much cheaper. Replaces the model's "
+                        "own setting; the weights are shared, not copied.",
+            inputs=[
+                io.Model.Input("model", tooltip="A model from 'Load PixArt-Σ Model'."),
+                io.String.Input("layers", default="14-27",
+                                tooltip="Blocks to compress: ranges and numbers such as 14-27 (the deeper half of "
+                                        "a 28-block model, as in PixArt-Σ) or 0,2,5-9; 'all'; or 'none' to switch "
+                                        "compression off."),
+                io.Int.Input("ratio", default=2, min=1, max=8,
+                             tooltip="Keys/values are pooled ratio x ratio (2 = 4x fewer tokens); 1 = off."),
+                io.Combo.Input("mode", options=list(KV_MODES), default="avgpool",
+                               tooltip="avgpool: mean of each patch (no weights needed); conv: the checkpoint's "
+                                       "trained conv when it has one for this ratio, else its average "
+                                       "initialisation; ave: nearest neighbour; uniform: every ratio-th token."),
+            ],
+            outputs=[io.Model.Output(tooltip="The same model with KV compression set.")],
+        )
+
+    @classmethod
+    def execute(cls, model, layers, ratio, mode) -> io.NodeOutput:
+        config = pixart_config_of(model)
+        if config is None:
+            raise ValueError("model is not from 'Load PixArt-Σ Model'; KV compression needs this pack's PixArt model "
+                             "(ComfyUI's native PixArt has no compressed attention) - load it with that node")
+        if mode not in KV_MODES:
+            raise ValueError(f"mode {mode!r} is not one of {', '.join(KV_MODES)}")
+        if not isinstance(ratio, int) or ratio < 1:
+            raise ValueError(f"ratio must be a whole number of at least 1, got {ratio!r}")
+        kv = KVCompress(parse_layers(layers, config.depth), ratio, mode)
+        return io.NodeOutput(with_kv_compression(model, kv))

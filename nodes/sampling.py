@@ -1,0 +1,220 @@
+"""PixArt Sampler, PixArt Sampler Select and PixArt Step Grid.
+
+Sampling runs on ComfyUI's own machinery: comfy.sample.prepare_noise + comfy.sample.sample_custom with a
+comfy.samplers.KSAMPLER around pixart_core's k-diffusion-style samplers. So model management, LoRA and
+other model patches, previews (latent_preview) and interrupts (the progress hook) all apply, and the
+same samplers/grids are usable from SamplerCustom(Advanced) through the SAMPLER / SIGMAS nodes.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+from comfy_api.latest import io
+
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+
+from ..pixart_core import samplers as core_samplers
+from ..pixart_core import schedule
+from .common import CATEGORY, check_conditioning, require_pixart
+from .comfy_model import pixart_config_of
+
+log = logging.getLogger("PixArt-Σ")
+
+SAMPLER_NAMES = ("dpmpp_2m", "sa_solver", "euler", "ddim")
+STEP_GRIDS = ("dpm_time_uniform", "linspace", "leading", "trailing", "karras")
+NULL_OFFICIAL = "prompt's mask (official Σ)"
+NULL_OWN = "own mask (diffusers)"
+DEFAULT_ETA = {"sa_solver": 1.0, "ddim": 0.0}  # official SA-Solver τ=1 in its window; deterministic DDIM
+
+_GRID_TOOLTIP = ("Where the steps fall. dpm_time_uniform: the official PixArt-Σ DPM-Solver grid (uniform in "
+                 "continuous time); linspace/leading/trailing: diffusers' timestep spacings; karras: Karras et al. "
+                 "over the full training range.")
+
+
+def _check_schedule_inputs(step_grid: str, steps: int, denoise: float) -> None:
+    if step_grid not in STEP_GRIDS:
+        raise ValueError(f"step_grid {step_grid!r} is not one of {', '.join(STEP_GRIDS)}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a whole number of at least 1, got {steps!r}")
+    if not 0.0 <= denoise <= 1.0:
+        raise ValueError(f"denoise must be between 0 and 1, got {denoise}")
+
+
+def make_sigmas(step_grid: str, steps: int, denoise: float) -> torch.Tensor:
+    _check_schedule_inputs(step_grid, steps, denoise)
+    return schedule.make_sigmas(step_grid, steps, denoise).float().cpu()
+
+
+def pixart_ksampler(sampler_name: str, eta: float | None = None) -> comfy.samplers.KSAMPLER:
+    """A ComfyUI SAMPLER running pixart_core's sampler `sampler_name`.
+
+    Stochastic samplers (sa_solver, ddim with eta > 0) draw their step noise from a CPU generator seeded
+    with the sampling seed + 1 (not the seed itself, whose first draw is the initial noise), so results
+    are reproducible per seed and identical on every device.
+    """
+    if sampler_name not in SAMPLER_NAMES:
+        raise ValueError(f"sampler_name {sampler_name!r} is not one of {', '.join(SAMPLER_NAMES)}")
+    fn = core_samplers.SAMPLERS[sampler_name]
+    eta = DEFAULT_ETA.get(sampler_name) if eta is None else float(eta)
+    options = {}
+    if sampler_name == "sa_solver":
+        options["tau"] = core_samplers.tau_window(eta)
+    elif sampler_name == "ddim":
+        options["eta"] = eta
+    takes_generator = "generator" in inspect.signature(fn).parameters
+
+    def sampler_function(model, x, sigmas, extra_args=None, callback=None, disable=None, **kwargs):
+        if takes_generator and kwargs.get("generator") is None and kwargs.get("noise_sampler") is None:
+            seed = int((extra_args or {}).get("seed") or 0)
+            kwargs["generator"] = torch.Generator("cpu").manual_seed((seed + 1) % 2 ** 64)
+        return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **kwargs)
+
+    sampler_function.__name__ = f"pixart_{sampler_name}"
+    return comfy.samplers.KSAMPLER(sampler_function, extra_options=options)
+
+
+def share_prompt_mask(positive, negative):
+    """Official Σ CFG (spec §6.3): the negative is attended over the prompt's valid tokens.
+
+    Every negative entry gets the first positive entry's attention_mask when their token counts match;
+    otherwise (no mask, or unpadded stock-CLIP embeddings) the negative is left as it is.
+    """
+    mask = next((d.get("attention_mask") for _, d in positive if d.get("attention_mask") is not None), None)
+    if mask is None:
+        log.info("PixArt Sampler: the positive prompt has no attention mask, so the negative keeps its own")
+        return negative
+    out = []
+    for cond, d in negative:
+        if cond.shape[1] == mask.shape[-1]:
+            d = {**d, "attention_mask": mask}
+        else:
+            log.warning("PixArt Sampler: negative has %d tokens and the prompt mask %d; the negative keeps its own "
+                        "mask (encode both with 'T5 Text Encode (PixArt)' at the same max_length)",
+                        cond.shape[1], mask.shape[-1])
+        out.append([cond, d])
+    return out
+
+
+class PixArtSuiteSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PixArtSuiteSampler",
+            display_name="PixArt Sampler",
+            category=CATEGORY,
+            description="Samples a PixArt model the way the official PixArt-Σ inference does by default "
+                        "(DPM-Solver++ 2M on its time-uniform grid, 20 steps, CFG 4.5, the negative attended over "
+                        "the prompt's tokens), through ComfyUI's sampling so previews, LoRAs and offloading work.",
+            inputs=[
+                io.Model.Input("model", tooltip="A PixArt model: 'Load PixArt-Σ Model' (or ComfyUI's own PixArt)."),
+                io.Conditioning.Input("positive", tooltip="The prompt, from 'T5 Text Encode (PixArt)'."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt, usually 'T5 Text Encode (PixArt)' "
+                                                          "with an empty text (the official setup)."),
+                io.Latent.Input("latent_image", tooltip="The latent to start from: 'PixArt Resolution' for text to "
+                                                         "image, a VAE-encoded image with denoise < 1 for image to image."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the starting noise (and of the step noise of sa_solver / ddim with eta)."),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Number of model evaluations (20 official)."),
+                io.Float.Input("cfg", default=4.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale: 4.5 is the official default; 1.0 disables "
+                                       "the negative."),
+                io.Combo.Input("sampler_name", options=list(SAMPLER_NAMES), default="dpmpp_2m",
+                               tooltip="dpmpp_2m: the official DPM-Solver++(2M); sa_solver: PixArt's SA-Solver "
+                                       "(stochastic, official τ window); euler; ddim (deterministic)."),
+                io.Combo.Input("step_grid", options=list(STEP_GRIDS), default="dpm_time_uniform",
+                               tooltip=_GRID_TOOLTIP),
+                io.Combo.Input("null_mask", options=[NULL_OFFICIAL, NULL_OWN], default=NULL_OFFICIAL,
+                               tooltip="Which tokens the negative attends to. Official Σ: the prompt's mask (the "
+                                       "empty prompt's padding outputs count too); diffusers: the negative's own "
+                                       "mask. The two give slightly different images."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="1.0 starts from pure noise; lower keeps more of latent_image (image to image)."),
+            ],
+            outputs=[io.Latent.Output(tooltip="The sampled latent, for VAE Decode (SDXL VAE for Σ).")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, step_grid, null_mask,
+                denoise) -> io.NodeOutput:
+        require_pixart(model)
+        check_conditioning(model, positive, "positive")
+        check_conditioning(model, negative, "negative")
+        if null_mask not in (NULL_OFFICIAL, NULL_OWN):
+            raise ValueError(f"null_mask {null_mask!r} is not one of {NULL_OFFICIAL!r}, {NULL_OWN!r}")
+        sampler = pixart_ksampler(sampler_name)
+        sigmas = make_sigmas(step_grid, steps, denoise)
+        if pixart_config_of(model) is None and any(d.get("attention_mask") is not None for _, d in positive):
+            log.warning("PixArt Sampler: ComfyUI's native PixArt model ignores attention masks; load the model "
+                        "with 'Load PixArt-Σ Model' for masked (official) cross-attention")
+        if null_mask == NULL_OFFICIAL:
+            negative = share_prompt_mask(positive, negative)
+
+        latent = latent_image.copy()
+        samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+        latent["samples"] = samples
+        if sigmas.numel() == 0:  # denoise 0: nothing to do
+            return io.NodeOutput(latent)
+        noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+        callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
+        out = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, samples,
+                                         noise_mask=latent.get("noise_mask"), callback=callback,
+                                         disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        latent["samples"] = out
+        return io.NodeOutput(latent)
+
+
+class PixArtSuiteSamplerSelect(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PixArtSuiteSamplerSelect",
+            display_name="PixArt Sampler Select",
+            category=CATEGORY,
+            description="PixArt's samplers (official DPM-Solver++ 2M, SA-Solver, Euler, DDIM) as a SAMPLER for "
+                        "SamplerCustom / SamplerCustomAdvanced.",
+            inputs=[
+                io.Combo.Input("sampler_name", options=list(SAMPLER_NAMES), default="dpmpp_2m",
+                               tooltip="dpmpp_2m: DPM-Solver++(2M) as in the official code; sa_solver: SA-Solver; "
+                                       "euler; ddim."),
+                io.Float.Input("eta", default=1.0, min=0.0, max=10.0, step=0.01,
+                               tooltip="Step noise. sa_solver: τ inside its 200-800 timestep window (1.0 official); "
+                                       "ddim: 0 = deterministic DDIM (what PixArt Sampler uses), 1 = DDPM-like. "
+                                       "Ignored by dpmpp_2m and euler."),
+            ],
+            outputs=[io.Sampler.Output(tooltip="Connect to SamplerCustom's sampler input.")],
+        )
+
+    @classmethod
+    def execute(cls, sampler_name, eta) -> io.NodeOutput:
+        if eta < 0:
+            raise ValueError(f"eta must be 0 or more, got {eta}")
+        return io.NodeOutput(pixart_ksampler(sampler_name, eta))
+
+
+class PixArtSuiteSigmas(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PixArtSuiteSigmas",
+            display_name="PixArt Step Grid",
+            category=CATEGORY,
+            description="The noise levels (SIGMAS) of PixArt's step grids, for SamplerCustom / SamplerCustomAdvanced.",
+            inputs=[
+                io.Model.Input("model", tooltip="The PixArt model the sigmas are for (checked to be PixArt)."),
+                io.Combo.Input("step_grid", options=list(STEP_GRIDS), default="dpm_time_uniform", tooltip=_GRID_TOOLTIP),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Number of steps."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Below 1.0 keeps only the last part of a longer schedule (image to image)."),
+            ],
+            outputs=[io.Sigmas.Output(tooltip="steps+1 noise levels, high to low, ending in 0.")],
+        )
+
+    @classmethod
+    def execute(cls, model, step_grid, steps, denoise) -> io.NodeOutput:
+        require_pixart(model)
+        return io.NodeOutput(make_sigmas(step_grid, steps, denoise))

@@ -1,0 +1,474 @@
+"""The ComfyUI nodes, in-process on ComfyUI 0.3.75 (CPU) with tiny random-weight PixArt and T5 models.
+
+The pack is imported the way ComfyUI imports a custom-node folder (spec_from_file_location on its
+__init__.py), models are written to temporary folders registered with folder_paths, and node
+`execute` classmethods are called directly. Numbers are checked against pixart_core run by hand.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import math
+import re
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import pixart_fixtures as pf
+import t5_fixtures as tf
+from pixart_core.config import tiny
+from pixart_core.loading import save_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+PACK_NAME = "pixart_suite_under_test"  # the folder name ComfyUI would use (may contain dashes on disk)
+SIGMA_LATENT_SCALE = 0.13025  # SDXL latent format: LATENT holds model-space latents / 0.13025
+
+pytestmark = pytest.mark.skipif(not tf.COMFY_T5_TOKENIZER_DIR.is_dir(),
+                                reason="needs the ComfyUI tree: run scripts/build_comfyui_host.sh")
+
+
+def _import_comfy_and_pack():
+    # transformers 5 treats any importable `torchvision` as real; import its T5 code before the
+    # import-only torchvision stand-in (needed by comfy.model_base without a real one) is on sys.path.
+    import transformers.models.t5.modeling_t5  # noqa: F401
+    sys.path.insert(0, str(REPO / "scripts"))
+    import comfy_host
+    comfy_host.ensure_host()
+    if importlib.util.find_spec("torchvision") is None:
+        sys.path.insert(0, str(comfy_host.STUBS_DIR))
+    from comfy_env import import_comfy
+    import_comfy()
+    if PACK_NAME not in sys.modules:
+        spec = importlib.util.spec_from_file_location(PACK_NAME, REPO / "__init__.py",
+                                                      submodule_search_locations=[str(REPO)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACK_NAME] = module
+        spec.loader.exec_module(module)
+    return sys.modules[PACK_NAME]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: more threads only add overhead
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    pack = _import_comfy_and_pack()
+    import folder_paths
+
+    root = tmp_path_factory.mktemp("models")
+    for name in ("diffusion_models", "checkpoints", "text_encoders", "diffusers"):
+        (root / name).mkdir()
+        folder_paths.add_model_folder_path(name, str(root / name), is_default=True)
+    core = pf.random_model(tiny())
+    save_checkpoint(core.state_dict(), core.config, root / "diffusion_models" / "tiny_pixart.safetensors")
+    save_checkpoint(core.state_dict(), core.config, root / "diffusers" / "tiny-pixart-diffusers")
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)},
+              str(root / "checkpoints" / "sd15_like.safetensors"))
+    tf.write_tiny_t5_single_file(root / "text_encoders" / "tiny_t5.safetensors", "fp32")
+    tf.write_tiny_t5_hf_folder(root / "text_encoders" / "tiny-t5-hf", dtype="fp32")
+    tf.write_clip_l_like_file(root / "text_encoders" / "clip_l.safetensors")
+    tf.write_clip_l_like_file(root / "checkpoints" / "clip_l_in_checkpoints.safetensors")
+    n = pack.nodes
+    env = SimpleNamespace(pack=pack, n=n, root=root, core=core.eval(), folder_paths=folder_paths)
+    env.model = n.PixArtSuiteModelLoader.execute("tiny_pixart.safetensors", "auto", "fp32", "checkpoint", "avgpool")[0]
+    env.clip = n.PixArtSuiteT5Loader.execute("tiny_t5.safetensors", "fp32", "cpu")[0]
+    env.pos = n.PixArtSuiteT5TextEncode.execute(env.clip, "a photo of a cat", "α: 120 tokens")[0]
+    env.neg = n.PixArtSuiteT5TextEncode.execute(env.clip, "", "α: 120 tokens")[0]
+    return env
+
+
+def empty_latent(batch=1, side=16):
+    return {"samples": torch.zeros(batch, 4, side, side)}
+
+
+def one_sentence(err) -> str:
+    msg = str(err.value if hasattr(err, "value") else err)
+    assert "\n" not in msg and not re.search(r"[.;:]\s+[A-Z][a-z]", msg.replace("PixArt", "pixart")), msg
+    return msg
+
+
+def run_sampler(env, model=None, seed=0, steps=3, cfg=4.5, sampler="dpmpp_2m", grid="dpm_time_uniform",
+                null=None, denoise=1.0, latent=None, pos=None, neg=None):
+    null = null or env.pack.nodes.sampling.NULL_OFFICIAL
+    out = env.n.PixArtSuiteSampler.execute(model or env.model, pos or env.pos, neg or env.neg,
+                                           latent or empty_latent(), seed, steps, cfg, sampler, grid, null, denoise)
+    return out[0]["samples"]
+
+
+# -------------------------------------------------------------------------------------------------
+# registration and schemas
+# -------------------------------------------------------------------------------------------------
+
+def test_every_node_is_registered_documented_and_prefixed(env):
+    extension = asyncio.run(env.pack.comfy_entrypoint())
+    nodes = asyncio.run(extension.get_node_list())
+    assert [c.__name__ for c in nodes] == [c.__name__ for c in env.n.NODES] and len(nodes) == 9
+    for cls in nodes:
+        schema = cls.GET_SCHEMA()
+        assert schema.node_id.startswith("PixArtSuite") and schema.node_id == cls.__name__
+        assert schema.category == "PixArt-Σ" and schema.display_name and len(schema.description) > 40
+        for i in schema.inputs:
+            assert i.tooltip and len(i.tooltip) > 15, (schema.node_id, i.id)
+        for o in schema.outputs:
+            assert o.tooltip, (schema.node_id, o.id)
+        info = cls.INPUT_TYPES()  # what /object_info serves
+        assert info["required"]
+
+
+def test_input_names_and_order(env):
+    def names(cls):
+        return [i.id for i in cls.GET_SCHEMA().inputs]
+    n = env.n
+    assert names(n.PixArtSuiteModelLoader) == ["ckpt_name", "preset", "weight_dtype", "kv_compression", "kv_mode"]
+    assert names(n.PixArtSuiteT5Loader) == ["t5_name", "dtype", "device"]
+    assert names(n.PixArtSuiteT5TextEncode) == ["clip", "text", "max_length"]
+    assert names(n.PixArtSuiteSampler) == ["model", "positive", "negative", "latent_image", "seed", "steps", "cfg",
+                                           "sampler_name", "step_grid", "null_mask", "denoise"]
+    assert names(n.PixArtSuiteSamplerSelect) == ["sampler_name", "eta"]
+    assert names(n.PixArtSuiteSigmas) == ["model", "step_grid", "steps", "denoise"]
+    assert names(n.PixArtSuiteResolution) == ["size_class", "aspect_ratio", "width", "height", "batch_size", "model"]
+    assert names(n.PixArtSuiteResizeCrop) == ["image", "width", "height"]
+    assert names(n.PixArtSuiteKVCompression) == ["model", "layers", "ratio", "mode"]
+
+
+def test_file_lists(env):
+    loaders = env.pack.nodes.loaders
+    models = loaders.pixart_model_choices()
+    assert "tiny_pixart.safetensors" in models and "[diffusers] tiny-pixart-diffusers" in models
+    t5s = loaders.t5_choices()
+    assert "tiny_t5.safetensors" in t5s and "[folder] tiny-t5-hf" in t5s
+    assert not any(name.startswith("tiny-t5-hf/") for name in t5s)  # files inside a listed folder are hidden
+
+
+# -------------------------------------------------------------------------------------------------
+# Load PixArt-Σ Model
+# -------------------------------------------------------------------------------------------------
+
+def test_loader_model_reproduces_pixart_core(env):
+    import comfy.model_base
+    x, t, y, mask = pf.inputs(env.core.config, batch=2, height=16, width=16)
+    with torch.no_grad():
+        want = env.core(x, t, y, mask)[:, :4]
+        for model in (env.model, env.n.PixArtSuiteModelLoader.execute(
+                "[diffusers] tiny-pixart-diffusers", "auto", "default", "checkpoint", "avgpool")[0]):
+            assert isinstance(model.model, comfy.model_base.PixArt)
+            got = model.model.diffusion_model(x, t, y, context_mask=mask)
+            assert pf.rel_err(got, want) < 1e-6
+
+
+def test_loader_errors_are_one_sentence(env):
+    with pytest.raises(ValueError, match="Stable Diffusion") as err:
+        env.n.PixArtSuiteModelLoader.execute("sd15_like.safetensors", "auto", "default", "checkpoint", "avgpool")
+    one_sentence(err)
+    with pytest.raises(ValueError, match="CLIP text encoder, not a PixArt checkpoint") as err:
+        env.n.PixArtSuiteModelLoader.execute("clip_l_in_checkpoints.safetensors", "auto", "default", "checkpoint",
+                                             "avgpool")
+    one_sentence(err)
+    with pytest.raises(ValueError, match="no such folder any more") as err:
+        env.n.PixArtSuiteModelLoader.execute("[diffusers] gone", "auto", "default", "checkpoint", "avgpool")
+    one_sentence(err)
+    with pytest.raises(ValueError, match="ckpt_name 'missing.safetensors'") as err:
+        env.n.PixArtSuiteModelLoader.execute("missing.safetensors", "auto", "default", "checkpoint", "avgpool")
+    one_sentence(err)
+
+
+def test_loader_kv_choices(env):
+    load = env.n.PixArtSuiteModelLoader.execute
+    kv_option = env.pack.nodes.comfy_model.KV_OPTION
+    off = load("tiny_pixart.safetensors", "auto", "fp32", "off", "avgpool")[0]
+    deep = load("tiny_pixart.safetensors", "auto", "fp32", "deep layers 14-27", "conv")[0]
+    every = load("tiny_pixart.safetensors", "auto", "fp32", "all layers", "uniform")[0]
+    assert off.model_options["transformer_options"][kv_option].layers == ()
+    assert deep.model_options["transformer_options"][kv_option].layers == (1,)  # the deeper half of 2 blocks
+    assert every.model_options["transformer_options"][kv_option].layers == (0, 1)
+    assert "transformer_options" not in env.model.model_options or \
+        kv_option not in env.model.model_options["transformer_options"]
+
+
+# -------------------------------------------------------------------------------------------------
+# Load T5 Encoder (PixArt) + text encoding
+# -------------------------------------------------------------------------------------------------
+
+def test_t5_clip_is_a_comfy_clip_and_stock_cliptextencode_gives_the_mask(env):
+    import comfy.sd
+    import nodes as comfy_nodes
+    assert Path(comfy_nodes.__file__).name == "nodes.py", "ComfyUI's nodes.py must win over this pack's nodes/"
+    assert isinstance(env.clip, comfy.sd.CLIP)
+    core_t5 = env.pack.pixart_core.t5.load_t5(env.root / "text_encoders" / "tiny_t5.safetensors",
+                                              dtype=torch.float32, device="cpu")
+    want, want_mask = core_t5.encode(["a photo of a cat"], 300)
+    (cond, extra), = comfy_nodes.CLIPTextEncode().encode(env.clip, "a photo of a cat")[0]
+    assert cond.shape == (1, 300, 32) and extra["attention_mask"].shape == (1, 300)
+    assert torch.equal(extra["attention_mask"], want_mask)
+    assert torch.allclose(cond, want, atol=1e-6, rtol=1e-6)
+    (cond2, extra2), = env.n.PixArtSuiteT5TextEncode.execute(env.clip, "a photo of a cat", "Σ: 300 tokens")[0]
+    assert torch.equal(cond2, cond) and torch.equal(extra2["attention_mask"], extra["attention_mask"])
+    assert env.pos[0][0].shape == (1, 120, 32) and int(env.pos[0][1]["attention_mask"].sum()) == 8
+
+
+def test_t5_from_hf_folder_and_partial_load(env):
+    clip = env.n.PixArtSuiteT5Loader.execute("[folder] tiny-t5-hf", "fp32", "auto")[0]
+    ref = env.n.PixArtSuiteT5TextEncode.execute(clip, "two dogs", "α: 120 tokens")[0][0][0]
+    # The weights are in ComfyUI's cast-capable layer classes: a partial ("lowvram") load still encodes.
+    clip.patcher.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=1)
+    try:
+        assert clip.patcher.model.model_lowvram
+        got = clip.cond_stage_model.encode_token_weights(clip.tokenize("two dogs", max_length=120))[0]
+    finally:
+        clip.patcher.unpatch_model(torch.device("cpu"))
+    assert torch.allclose(got, ref, atol=1e-6)
+
+
+def test_truncation_warning_reaches_log_and_ui(env, caplog):
+    text = " ".join(["red apple"] * 80)
+    with caplog.at_level(logging.WARNING):
+        out = env.n.PixArtSuiteT5TextEncode.execute(env.clip, text, "α: 120 tokens")
+    message = out.ui.as_dict()["text"][0]
+    assert "cut off" in message and "120" in message
+    assert any("cut off" in r.getMessage() for r in caplog.records)
+    assert int(out[0][0][1]["attention_mask"].sum()) == 120
+    ok = env.n.PixArtSuiteT5TextEncode.execute(env.clip, "a cat", "α: 120 tokens")
+    assert ok.ui.as_dict()["text"][0].startswith("4 of 120")
+
+
+def test_text_encode_with_a_stock_style_clip(env):
+    from comfy.text_encoders.pixart_t5 import PixArtTokenizer
+
+    class StockLike:  # ComfyUI's CLIPLoader(type=pixart) tokenizer; the 4.7B encoder is replaced by a stub
+        tokenizer = PixArtTokenizer()
+
+        def tokenize(self, text, **kw):
+            return self.tokenizer.tokenize_with_weights(text, **kw)
+
+        def encode_from_tokens_scheduled(self, tokens):
+            self.seen = tokens
+            return [[torch.zeros(1, len(tokens["t5xxl"][0]), 4096), {"pooled_output": None}]]
+
+    clip = StockLike()
+    out = env.n.PixArtSuiteT5TextEncode.execute(clip, " ".join(["red apple"] * 80), "α: 120 tokens")
+    seq = clip.seen["t5xxl"][0]
+    assert len(seq) == 120 and seq[-1][0] == 1  # cut to 120 with EOS kept
+    assert "attention_mask" not in out[0][0][1] and "cut off" in out.ui.as_dict()["text"][0]
+
+    class NotT5(StockLike):
+        def tokenize(self, text, **kw):
+            return {"l": [[(49406, 1.0)]]}
+
+    with pytest.raises(ValueError, match="not a T5") as err:
+        env.n.PixArtSuiteT5TextEncode.execute(NotT5(), "x", "Σ: 300 tokens")
+    one_sentence(err)
+
+
+def test_t5_loader_names_a_clip_l_file(env):
+    with pytest.raises(ValueError, match="CLIP text encoder") as err:
+        env.n.PixArtSuiteT5Loader.execute("clip_l.safetensors", "default", "cpu")
+    one_sentence(err)
+
+
+# -------------------------------------------------------------------------------------------------
+# PixArt Sampler
+# -------------------------------------------------------------------------------------------------
+
+def reference_sample(env, sampler, seed, steps, cfg, grid, uncond_mask, eta=None, latent=None):
+    """pixart_core's sampler + PixArtDenoiser on the same weights, noise and conditioning."""
+    import comfy.sample
+    core = env.pack.pixart_core
+    latent = latent if latent is not None else empty_latent()["samples"]
+    noise = comfy.sample.prepare_noise(latent, seed)
+    sigmas = core.schedule.make_sigmas(grid, steps)
+    x = noise * math.sqrt(1.0 + float(sigmas[0]) ** 2)  # ComfyUI's full-denoise start (VP prior)
+    (pos, pd), = env.pos
+    (neg, nd), = env.neg
+    denoiser = core.samplers.PixArtDenoiser(env.core)
+
+    def model(x, sigma):
+        return denoiser(x, sigma, pos, pd["attention_mask"], neg, uncond_mask, cfg_scale=cfg)
+
+    kwargs = {}
+    if sampler in ("sa_solver", "ddim"):
+        kwargs["generator"] = torch.Generator().manual_seed(seed + 1)
+    if sampler == "sa_solver":
+        kwargs["tau"] = core.samplers.tau_window(1.0 if eta is None else eta)
+    if sampler == "ddim":
+        kwargs["eta"] = 0.0 if eta is None else eta
+    out = core.samplers.SAMPLERS[sampler](model, x, sigmas, disable=True, **kwargs)
+    return out / SIGMA_LATENT_SCALE
+
+
+@pytest.mark.parametrize("sampler,grid", [("dpmpp_2m", "dpm_time_uniform"), ("sa_solver", "linspace"),
+                                          ("euler", "karras"), ("ddim", "trailing")])
+def test_sampler_equals_pixart_core(env, sampler, grid):
+    got = run_sampler(env, seed=7, steps=4, cfg=4.5, sampler=sampler, grid=grid)
+    want = reference_sample(env, sampler, 7, 4, 4.5, grid, env.pos[0][1]["attention_mask"])
+    assert torch.isfinite(got).all()
+    assert pf.rel_err(got, want) < 1e-5
+
+
+def test_sampler_is_deterministic_and_null_mask_matters(env):
+    nodes = env.pack.nodes.sampling
+    a, b = run_sampler(env, seed=3), run_sampler(env, seed=3)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, run_sampler(env, seed=4))
+    own = run_sampler(env, seed=3, null=nodes.NULL_OWN)
+    assert pf.rel_err(own, a) > 1e-4
+    want_own = reference_sample(env, "dpmpp_2m", 3, 3, 4.5, "dpm_time_uniform", env.neg[0][1]["attention_mask"])
+    assert pf.rel_err(own, want_own) < 1e-5
+
+
+def test_sampler_img2img_denoise(env):
+    start = {"samples": torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))}
+    got = run_sampler(env, latent=start, denoise=0.5, steps=2)
+    assert got.shape == start["samples"].shape and torch.isfinite(got).all()
+    assert torch.equal(run_sampler(env, latent=start, denoise=0.0), start["samples"])
+
+
+def test_stock_ksampler_runs_on_our_model(env):
+    import comfy.sample
+    latent = empty_latent()["samples"]
+    noise = comfy.sample.prepare_noise(latent, 0)
+    out = comfy.sample.sample(env.model, noise, 3, 3.0, "euler", "normal", env.pos, env.neg, latent)
+    assert out.shape == latent.shape and torch.isfinite(out).all() and out.abs().sum() > 0
+
+
+def test_sampler_accepts_comfyuis_native_pixart_model(env):
+    import comfy.model_patcher
+    import comfy.supported_models
+    cfg = env.core.config
+    config = comfy.supported_models.PixArtSigma({
+        "image_model": "pixart_sigma", "input_size": cfg.sample_size, "patch_size": cfg.patch_size,
+        "in_channels": cfg.in_channels, "hidden_size": cfg.hidden_size, "depth": cfg.depth,
+        "num_heads": cfg.num_heads, "caption_channels": cfg.caption_channels,
+        "model_max_length": cfg.model_max_length, "pe_interpolation": 1, "micro_condition": False})
+    config.set_inference_dtype(torch.float32, None)
+    native = config.get_model({})
+    missing, unexpected = native.diffusion_model.load_state_dict(env.core.state_dict(), strict=False)
+    assert not unexpected and all("pos_embed" in k for k in missing)
+    patcher = comfy.model_patcher.ModelPatcher(native, torch.device("cpu"), torch.device("cpu"))
+    out = run_sampler(env, model=patcher, steps=2, latent=empty_latent(side=64))  # native needs >= 34 px latents
+    assert out.shape == (1, 4, 64, 64) and torch.isfinite(out).all()
+    sigmas = env.n.PixArtSuiteSigmas.execute(patcher, "karras", 5, 1.0)[0]
+    assert sigmas.shape == (6,)
+    with pytest.raises(ValueError, match="takes 32-wide"):
+        run_sampler(env, model=patcher, pos=[[torch.zeros(1, 120, 4096), {}]])
+    with pytest.raises(ValueError, match="not from 'Load PixArt-Σ Model'") as err:
+        env.n.PixArtSuiteKVCompression.execute(patcher, "all", 2, "avgpool")
+    one_sentence(err)
+
+
+def test_sampler_select_and_step_grid_through_sample_custom(env):
+    """SamplerCustom path (our SAMPLER + SIGMAS) = PixArt Sampler with the negative's own mask."""
+    import comfy.sample
+    n = env.n
+    sampler = n.PixArtSuiteSamplerSelect.execute("dpmpp_2m", 1.0)[0]
+    sigmas = n.PixArtSuiteSigmas.execute(env.model, "dpm_time_uniform", 3, 1.0)[0]
+    assert sigmas.shape == (4,) and float(sigmas[-1]) == 0.0
+    latent = empty_latent()["samples"]
+    noise = comfy.sample.prepare_noise(latent, 11)
+    got = comfy.sample.sample_custom(env.model, noise, 4.5, sampler, sigmas, env.pos, env.neg, latent, seed=11)
+    want = run_sampler(env, seed=11, null=env.pack.nodes.sampling.NULL_OWN)
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    sa = n.PixArtSuiteSamplerSelect.execute("sa_solver", 0.5)[0]
+    got = comfy.sample.sample_custom(env.model, noise, 4.5, sa, sigmas, env.pos, env.neg, latent, seed=11)
+    want = reference_sample(env, "sa_solver", 11, 3, 4.5, "dpm_time_uniform", env.neg[0][1]["attention_mask"], eta=0.5)
+    assert pf.rel_err(got, want) < 1e-5
+
+
+def test_sampler_errors_are_one_sentence(env):
+    import comfy.model_patcher
+    not_pixart = comfy.model_patcher.ModelPatcher(torch.nn.Linear(2, 2), torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(ValueError, match="not a PixArt model") as err:
+        run_sampler(env, model=not_pixart)
+    one_sentence(err)
+    with pytest.raises(ValueError, match="not a PixArt model"):
+        env.n.PixArtSuiteSigmas.execute(not_pixart, "linspace", 10, 1.0)
+    wide = [[torch.zeros(1, 120, 4096), {}]]
+    with pytest.raises(ValueError, match="4096 wide but this model takes 32-wide") as err:
+        run_sampler(env, pos=wide)
+    one_sentence(err)
+    with pytest.raises(ValueError, match="negative embeddings are 4096 wide") as err:
+        run_sampler(env, neg=wide)
+    one_sentence(err)
+    with pytest.raises(ValueError, match="eta must be 0 or more") as err:
+        env.n.PixArtSuiteSamplerSelect.execute("ddim", -1.0)
+    one_sentence(err)
+
+
+# -------------------------------------------------------------------------------------------------
+# PixArt Resolution, Resize & Crop
+# -------------------------------------------------------------------------------------------------
+
+def test_resolution_bins_and_latent(env):
+    res = env.n.PixArtSuiteResolution.execute
+    w, h, latent = res("1024", "1.00 square", 1024, 1024, 2)
+    assert (w, h) == (1024, 1024) and latent["samples"].shape == (2, 4, 128, 128)
+    assert latent["samples"].abs().sum() == 0
+    w, h, latent = res("1024", "0.57 landscape", 0, 0, 1)[:3]
+    assert (h, w) == (768, 1344) and latent["samples"].shape == (1, 4, 96, 168)
+    assert res("2048", "custom", 1920, 1088, 1)[:2] == (2688, 1536)  # ratio 0.57 bin of the 2K table
+    assert res("from model", "1.75 portrait", 0, 0, 1, env.model)[:2] == (192, 336)  # tiny model: 256 table
+    assert res("2880", "1.00 square", 0, 0, 1)[:2] == (2880, 2880)
+    assert res("2880", "0.33 landscape", 0, 0, 1)[:2] == (4800, 1600)
+
+
+def test_resolution_errors_are_one_sentence(env):
+    res = env.n.PixArtSuiteResolution.execute
+    with pytest.raises(ValueError, match="width 1000 is not a multiple of 16") as err:
+        res("1024", "custom", 1000, 1024, 1)
+    one_sentence(err)
+    with pytest.raises(ValueError, match="height 4112 is larger than 4096 px") as err:
+        res("1024", "custom", 1024, 4112, 1)
+    one_sentence(err)
+    with pytest.raises(ValueError, match="needs the model input connected") as err:
+        res("from model", "1.00 square", 1024, 1024, 1)
+    one_sentence(err)
+
+
+def test_resize_crop(env):
+    image = torch.rand(2, 30, 40, 3)
+    out = env.n.PixArtSuiteResizeCrop.execute(image, 20, 20)[0]
+    assert out.shape == (2, 20, 20, 3) and out.min() >= 0 and out.max() <= 1
+    same = env.n.PixArtSuiteResizeCrop.execute(image, 40, 30)[0]
+    assert torch.equal(same, image)
+    want = env.pack.pixart_core.bins.resize_and_center_crop(image.movedim(-1, 1), 20, 20).movedim(1, -1)
+    assert torch.allclose(out, want.clamp(0, 1))
+
+
+# -------------------------------------------------------------------------------------------------
+# PixArt KV Compression
+# -------------------------------------------------------------------------------------------------
+
+def test_kv_node_changes_the_output(env):
+    kv_model = env.n.PixArtSuiteKVCompression.execute(env.model, "0-1", 2, "avgpool")[0]
+    assert kv_model is not env.model and kv_model.model is env.model.model  # weights shared
+    base = run_sampler(env, seed=1, steps=2)
+    compressed = run_sampler(env, model=kv_model, seed=1, steps=2)
+    assert pf.rel_err(compressed, base) > 1e-3
+    none = env.n.PixArtSuiteKVCompression.execute(env.model, "none", 2, "avgpool")[0]
+    assert torch.allclose(run_sampler(env, model=none, seed=1, steps=2), base, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layers,message", [
+    ("abc", "is not a layer list"), ("3-", "is not a layer list"), ("5-2", "runs backwards"),
+    ("0,7", "names layer 7, but this model has layers 0-1"),
+])
+def test_kv_node_bad_layers_are_one_sentence(env, layers, message):
+    with pytest.raises(ValueError, match=message) as err:
+        env.n.PixArtSuiteKVCompression.execute(env.model, layers, 2, "avgpool")
+    one_sentence(err)
+
+
+def test_kv_layer_parser(env):
+    parse = env.pack.nodes.kv_compression.parse_layers
+    assert parse("14-27", 28) == tuple(range(14, 28))
+    assert parse(" 0, 2 ,5-9", 28) == (0, 2, 5, 6, 7, 8, 9)
+    assert parse("all", 4) == (0, 1, 2, 3) and parse("none", 4) == ()
