@@ -1,0 +1,508 @@
+"""Write the example workflows (workflows/*.json, UI format) and their thumbnails (workflows/*.jpg).
+
+    python scripts/make_workflows.py [--object-info FILE] [--out workflows]
+
+The workflows are what users drag onto the canvas or open from Workflow > Browse Templates
+(ComfyUI serves a pack's workflows/ folder as templates; the front end asks for a same-name .jpg
+as the thumbnail, never a .png). Each is built here from the node schemas of a running ComfyUI
+0.3.75 with this pack (GET /object_info, fetched by starting the test host, or read from --object-info),
+so the widget order is the one the front end uses and a schema change is picked up by running
+this again. The JSON is the canvas's own save format (version 0.4: nodes with type/pos/size/
+inputs/outputs/widgets_values/properties, links as [id, from, slot, to, slot, type]).
+
+Models are named by their release file names (README "Models"). The thumbnail is a rendered
+picture of the graph (what is connected to what, and the output size): sample images would need
+the real weights, which this repository neither ships nor downloads.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import comfy_host  # noqa: E402
+
+REPO = comfy_host.REPO
+OUT_DIR = REPO / "workflows"
+PACK_ID = "pixart-sigma-suite"  # pyproject [project] name: the registry id the Manager resolves
+PACK_VERSION = "0.1.0"
+COMFY_VERSION = "0.3.75"
+FRONTEND_VERSION = "1.32.9"
+
+PIXART_1024 = "PixArt-Sigma-XL-2-1024-MS.pth"
+PIXART_2K = "PixArt-Sigma-XL-2-2K-MS.pth"
+T5_XXL = "t5xxl_fp16.safetensors"
+SDXL_VAE = "sdxl_vae.safetensors"
+
+PROMPT = ("A small cactus with a happy face in the Sahara desert, golden hour, soft light, highly detailed, "
+          "sharp focus")
+NEGATIVE = ""  # the official PixArt-Σ inference uses the empty prompt as the negative
+SEED = 42
+
+MODELS_NOTE = {
+    PIXART_1024: "ComfyUI/models/diffusion_models/ - from huggingface.co/PixArt-alpha/PixArt-Sigma",
+    PIXART_2K: "ComfyUI/models/diffusion_models/ - from huggingface.co/PixArt-alpha/PixArt-Sigma",
+    T5_XXL: "ComfyUI/models/text_encoders/ - from huggingface.co/comfyanonymous/flux_text_encoders",
+    SDXL_VAE: "ComfyUI/models/vae/ - from huggingface.co/stabilityai/sdxl-vae",
+}
+
+WIDGET_TYPES = comfy_host.WIDGET_TYPES
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny builder for UI-format workflows
+# --------------------------------------------------------------------------------------------
+
+class Workflow:
+    def __init__(self, name: str, object_info: Mapping):
+        self.name = name
+        self.object_info = object_info
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+        self._by_id: dict[int, dict] = {}
+
+    # -- nodes --------------------------------------------------------------------------
+    def _schema(self, ntype: str) -> Mapping:
+        try:
+            return self.object_info[ntype]
+        except KeyError:
+            raise SystemExit(f"node type {ntype!r} is not in /object_info (is the pack importable?)") from None
+
+    @staticmethod
+    def _inputs(schema: Mapping) -> list[tuple[str, Any, bool]]:
+        """(name, spec, optional) in the front end's order: required then optional, by input_order."""
+        out = []
+        order = schema.get("input_order") or {}
+        for section in ("required", "optional"):
+            specs = (schema.get("input") or {}).get(section) or {}
+            for name in order.get(section) or list(specs):
+                if name in specs:
+                    out.append((name, specs[name], section == "optional"))
+        return out
+
+    def node(self, ntype: str, pos, size, widgets: Mapping | None = None, title: str | None = None,
+             color: str | None = None) -> int:
+        schema = self._schema(ntype)
+        widgets = dict(widgets or {})
+        nid = len(self.nodes) + 1
+        sockets, widget_inputs, values = [], [], []
+        for name, spec, optional in self._inputs(schema):
+            kind = spec[0]
+            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            if comfy_host._is_widget(spec):
+                wtype = "COMBO" if isinstance(kind, list) else kind
+                widget_inputs.append({"localized_name": name, "name": name, "type": wtype,
+                                      "widget": {"name": name}, "link": None})
+                if name in widgets:
+                    value = widgets.pop(name)
+                elif "default" in opts:
+                    value = opts["default"]
+                else:
+                    options = kind if isinstance(kind, list) else opts.get("options") or []
+                    if not options:
+                        raise SystemExit(f"{self.name}: {ntype}.{name} needs a value (no default)")
+                    value = options[0]
+                values.append(value)
+                if opts.get("control_after_generate") or (kind == "INT" and name in comfy_host.SEED_NAMES):
+                    values.append("fixed")  # the seed stays as written: the same image on every run
+                if opts.get("image_upload"):
+                    values.append("image")  # the upload button's value, as the canvas saves it
+            else:
+                entry = {"localized_name": name, "name": name, "type": kind, "link": None}
+                if optional:
+                    entry["shape"] = 7  # the front end's marker for optional sockets
+                sockets.append(entry)
+        if widgets:
+            raise SystemExit(f"{self.name}: {ntype} has no widget(s) {sorted(widgets)}")
+        outputs = [{"localized_name": oname, "name": oname, "type": otype, "links": []}
+                   for otype, oname in zip(schema.get("output") or [], schema.get("output_name") or [])]
+        props: dict[str, Any] = {"Node name for S&R": ntype}
+        is_ours = ntype.startswith("PixArtSuite")
+        props["cnr_id"] = PACK_ID if is_ours else "comfy-core"
+        props["ver"] = PACK_VERSION if is_ours else COMFY_VERSION
+        node = {"id": nid, "type": ntype, "pos": list(pos), "size": list(size), "flags": {}, "order": 0,
+                "mode": 0, "inputs": sockets + widget_inputs, "outputs": outputs, "properties": props,
+                "widgets_values": values}
+        if title:
+            node["title"] = title
+        if color:
+            node["color"], node["bgcolor"] = color
+        self.nodes.append(node)
+        self._by_id[nid] = node
+        return nid
+
+    def note(self, text: str, pos, size, title: str = "Read me") -> int:
+        nid = len(self.nodes) + 1
+        node = {"id": nid, "type": "MarkdownNote", "pos": list(pos), "size": list(size), "flags": {}, "order": 0,
+                "mode": 0, "inputs": [], "outputs": [], "title": title, "properties": {}, "widgets_values": [text],
+                "color": "#432", "bgcolor": "#653"}
+        self.nodes.append(node)
+        self._by_id[nid] = node
+        return nid
+
+    def link(self, src: int, out: int | str, dst: int, input_name: str) -> int:
+        s, d = self._by_id[src], self._by_id[dst]
+        if isinstance(out, str):
+            names = [o["name"] for o in s["outputs"]]
+            if out not in names:
+                raise SystemExit(f"{self.name}: {s['type']} has no output {out!r} ({names})")
+            out = names.index(out)
+        target = next((i for i, inp in enumerate(d["inputs"]) if inp["name"] == input_name), None)
+        if target is None:
+            raise SystemExit(f"{self.name}: {d['type']} has no input {input_name!r}")
+        otype = s["outputs"][out]["type"]
+        lid = len(self.links) + 1
+        d["inputs"][target]["link"] = lid
+        s["outputs"][out]["links"].append(lid)
+        s["outputs"][out]["slot_index"] = out
+        self.links.append([lid, src, out, dst, target, otype])
+        return lid
+
+    # -- output ---------------------------------------------------------------------------
+    def _set_order(self) -> None:
+        """Topological execution order, as the canvas stores it (notes first)."""
+        deps = {n["id"]: {lk[1] for lk in self.links if lk[3] == n["id"]} for n in self.nodes}
+        done: list[int] = []
+        while len(done) < len(self.nodes):
+            ready = sorted(i for i, d in deps.items() if i not in done and d <= set(done))
+            if not ready:
+                raise SystemExit(f"{self.name}: the graph has a cycle")
+            done.extend(ready)
+        for order, nid in enumerate(done):
+            self._by_id[nid]["order"] = order
+
+    def to_json(self) -> dict:
+        self._set_order()
+        return {
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{PACK_ID}/workflows/{self.name}")),
+            "revision": 0,
+            "last_node_id": len(self.nodes),
+            "last_link_id": len(self.links),
+            "nodes": self.nodes,
+            "links": self.links,
+            "groups": [],
+            "config": {},
+            "extra": {"ds": {"scale": 0.7, "offset": [40, 40]}, "frontendVersion": FRONTEND_VERSION},
+            "version": 0.4,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# The workflows
+# --------------------------------------------------------------------------------------------
+
+OURS = ("#223", "#335")  # colour of this pack's nodes on the canvas
+X0, X1, X2, X3, X4 = 0, 420, 900, 1280, 1560
+
+
+def _note(models: list[str], what: str, extra: str = "") -> str:
+    lines = [f"## {what}", "", "**Models** (file name -> folder, source):", ""]
+    lines += [f"- `{m}` -> {MODELS_NOTE[m]}" for m in models]
+    lines += ["", "Random-looking output? Check that each file is the real release file, not a renamed other model."]
+    if extra:
+        lines += ["", extra]
+    return "\n".join(lines)
+
+
+def _common(wf: Workflow, ckpt: str, note: str, note_pos=(X0, 640)) -> dict[str, int]:
+    """Loaders, prompts and the VAE shared by every workflow."""
+    ids = {
+        "model": wf.node("PixArtSuiteModelLoader", (X0, 0), (360, 180), {"ckpt_name": ckpt}, color=OURS),
+        "t5": wf.node("PixArtSuiteT5Loader", (X0, 230), (360, 110), {"t5_name": T5_XXL}, color=OURS),
+        "vae": wf.node("VAELoader", (X0, 390), (360, 60), {"vae_name": SDXL_VAE}),
+        "pos": wf.node("PixArtSuiteT5TextEncode", (X1, 0), (430, 200), {"text": PROMPT}, title="Positive prompt",
+                       color=OURS),
+        "neg": wf.node("PixArtSuiteT5TextEncode", (X1, 250), (430, 160), {"text": NEGATIVE},
+                       title="Negative prompt (empty, as the official inference)", color=OURS),
+    }
+    wf.note(note, note_pos, (400, 300))
+    wf.link(ids["t5"], 0, ids["pos"], "clip")
+    wf.link(ids["t5"], 0, ids["neg"], "clip")
+    return ids
+
+
+def _sampler(wf: Workflow, pos, model: int, ids: Mapping[str, int], latent: tuple[int, int | str], steps: int = 20,
+             denoise: float = 1.0, title: str | None = None, **widgets) -> int:
+    s = wf.node("PixArtSuiteSampler", pos, (330, 330),
+                {"seed": SEED, "steps": steps, "cfg": 4.5, "denoise": denoise, **widgets}, title=title, color=OURS)
+    wf.link(model, 0, s, "model")
+    wf.link(ids["pos"], 0, s, "positive")
+    wf.link(ids["neg"], 0, s, "negative")
+    wf.link(latent[0], latent[1], s, "latent_image")
+    return s
+
+
+def _decode_save(wf: Workflow, latent: int, latent_slot: int | str, vae: int, prefix: str, tiled: bool = False,
+                 x: int = X3) -> None:
+    if tiled:
+        dec = wf.node("VAEDecodeTiled", (x, 0), (250, 150), {"tile_size": 1024, "overlap": 64})
+    else:
+        dec = wf.node("VAEDecode", (x, 0), (210, 50))
+    wf.link(latent, latent_slot, dec, "samples")
+    wf.link(vae, 0, dec, "vae")
+    save = wf.node("SaveImage", (x + 280, 0), (520, 560), {"filename_prefix": prefix})
+    wf.link(dec, 0, save, "images")
+
+
+def txt2img_1024(oi) -> tuple[Workflow, str]:
+    wf = Workflow("txt2img_1024", oi)
+    ids = _common(wf, PIXART_1024, _note([PIXART_1024, T5_XXL, SDXL_VAE], "PixArt-Σ text to image, 1024 px",
+                                         "PixArt Resolution picks a 1024-class aspect-ratio bin (the sizes the "
+                                         "model was trained at). Sampler defaults = the official inference: "
+                                         "DPM-Solver++ 2M, 20 steps, CFG 4.5."))
+    res = wf.node("PixArtSuiteResolution", (X1, 460), (430, 180),
+                  {"size_class": "from model", "aspect_ratio": "1.00 square"}, color=OURS)
+    wf.link(ids["model"], 0, res, "model")
+    s = _sampler(wf, (X2, 0), ids["model"], ids, (res, "latent"))
+    _decode_save(wf, s, 0, ids["vae"], "PixArt-Sigma_1024")
+    return wf, "1024 x 1024"
+
+
+def txt2img_2k(oi) -> tuple[Workflow, str]:
+    wf = Workflow("txt2img_2k", oi)
+    ids = _common(wf, PIXART_2K, _note([PIXART_2K, T5_XXL, SDXL_VAE], "PixArt-Σ text to image, 2K",
+                                       "The 2K weights generate at the 2048-class bins; 0.57 is about 16:9 "
+                                       "landscape (2688 x 1536). VAE Decode falls back to tiles by itself if "
+                                       "the GPU runs out of memory."))
+    res = wf.node("PixArtSuiteResolution", (X1, 460), (430, 180),
+                  {"size_class": "2048", "aspect_ratio": "0.57 landscape"}, color=OURS)
+    wf.link(ids["model"], 0, res, "model")
+    s = _sampler(wf, (X2, 0), ids["model"], ids, (res, "latent"))
+    _decode_save(wf, s, 0, ids["vae"], "PixArt-Sigma_2K")
+    return wf, "2688 x 1536"
+
+
+def txt2img_4k(oi) -> tuple[Workflow, str]:
+    wf = Workflow("txt2img_4k_kv_compression", oi)
+    ids = _common(wf, PIXART_2K, _note([PIXART_2K, T5_XXL, SDXL_VAE], "PixArt-Σ 4K with KV compression",
+                                       "No 4K weights were released: the 2K weights run at the 4096-class bins "
+                                       "(their position embedding keeps 4K inside the trained range). PixArt KV "
+                                       "Compression pools keys/values 2x2 in blocks 14-27, as PixArt-Σ's KV "
+                                       "configuration, which makes attention over 65k tokens affordable. VAE "
+                                       "Decode (Tiled) keeps the 4K decode in memory."))
+    kv = wf.node("PixArtSuiteKVCompression", (X1, 460), (430, 130),
+                 {"layers": "14-27", "ratio": 2, "mode": "avgpool"}, color=OURS)
+    wf.link(ids["model"], 0, kv, "model")
+    res = wf.node("PixArtSuiteResolution", (X1, 640), (430, 180),
+                  {"size_class": "4096", "aspect_ratio": "1.00 square"}, color=OURS)
+    s = _sampler(wf, (X2, 0), kv, ids, (res, "latent"))
+    _decode_save(wf, s, 0, ids["vae"], "PixArt-Sigma_4K", tiled=True)
+    return wf, "4096 x 4096"
+
+
+def hires_fix(oi) -> tuple[Workflow, str]:
+    wf = Workflow("hires_fix_1024_to_2k", oi)
+    ids = _common(wf, PIXART_1024, _note([PIXART_1024, PIXART_2K, T5_XXL, SDXL_VAE], "PixArt-Σ hires fix",
+                                         "Pass 1: the 1024 model composes the image. The latent is upscaled 2x "
+                                         "and pass 2 re-noises it halfway (denoise 0.5) and lets the 2K model "
+                                         "add the detail at 2048 x 2048."), note_pos=(X0, 760))
+    res = wf.node("PixArtSuiteResolution", (X1, 460), (430, 180),
+                  {"size_class": "from model", "aspect_ratio": "1.00 square"}, color=OURS)
+    wf.link(ids["model"], 0, res, "model")
+    first = _sampler(wf, (X2, 0), ids["model"], ids, (res, "latent"), title="Pass 1: 1024")
+    up = wf.node("LatentUpscaleBy", (X2, 380), (330, 90), {"upscale_method": "bicubic", "scale_by": 2.0})
+    wf.link(first, 0, up, "samples")
+    model_2k = wf.node("PixArtSuiteModelLoader", (X0, 500), (360, 180), {"ckpt_name": PIXART_2K},
+                       title="Load PixArt-Σ Model (2K, pass 2)", color=OURS)
+    second = _sampler(wf, (X3, 0), model_2k, ids, (up, 0), denoise=0.5, title="Pass 2: 2K, denoise 0.5")
+    _decode_save(wf, second, 0, ids["vae"], "PixArt-Sigma_hires_2K", x=X3 + 380)
+    return wf, "1024 -> 2048 x 2048"
+
+
+def img2img(oi) -> tuple[Workflow, str]:
+    wf = Workflow("img2img", oi)
+    ids = _common(wf, PIXART_1024, _note([PIXART_1024, T5_XXL, SDXL_VAE], "PixArt-Σ image to image",
+                                         "Load any picture: PixArt Resize & Crop fits it to a 1024-class bin, "
+                                         "and the sampler keeps 40% of it (denoise 0.6)."), note_pos=(X0, 860))
+    load = wf.node("LoadImage", (X0, 500), (360, 320), {"image": "example.png"})
+    res = wf.node("PixArtSuiteResolution", (X1, 460), (430, 180),
+                  {"size_class": "from model", "aspect_ratio": "1.00 square"}, color=OURS)
+    wf.link(ids["model"], 0, res, "model")
+    crop = wf.node("PixArtSuiteResizeCrop", (X1, 690), (430, 100), {"width": 1024, "height": 1024}, color=OURS)
+    wf.link(load, 0, crop, "image")
+    wf.link(res, "width", crop, "width")
+    wf.link(res, "height", crop, "height")
+    enc = wf.node("VAEEncode", (X1, 840), (210, 50))
+    wf.link(crop, 0, enc, "pixels")
+    wf.link(ids["vae"], 0, enc, "vae")
+    s = _sampler(wf, (X2, 0), ids["model"], ids, (enc, 0), denoise=0.6)
+    _decode_save(wf, s, 0, ids["vae"], "PixArt-Sigma_img2img")
+    return wf, "1024 x 1024"
+
+
+def sampler_custom_advanced(oi) -> tuple[Workflow, str]:
+    wf = Workflow("sampler_custom_advanced", oi)
+    ids = _common(wf, PIXART_1024, _note([PIXART_1024, T5_XXL, SDXL_VAE], "PixArt-Σ in SamplerCustomAdvanced",
+                                         "The pack's samplers (here SA-Solver) and step grids plug into "
+                                         "ComfyUI's custom sampling nodes, next to any stock noise and guider."))
+    res = wf.node("PixArtSuiteResolution", (X1, 460), (430, 180),
+                  {"size_class": "from model", "aspect_ratio": "1.00 square"}, color=OURS)
+    wf.link(ids["model"], 0, res, "model")
+    noise = wf.node("RandomNoise", (X2, 0), (320, 90), {"noise_seed": SEED})
+    guider = wf.node("CFGGuider", (X2, 140), (320, 100), {"cfg": 4.5})
+    wf.link(ids["model"], 0, guider, "model")
+    wf.link(ids["pos"], 0, guider, "positive")
+    wf.link(ids["neg"], 0, guider, "negative")
+    sel = wf.node("PixArtSuiteSamplerSelect", (X2, 290), (320, 90), {"sampler_name": "sa_solver", "eta": 1.0},
+                  color=OURS)
+    sig = wf.node("PixArtSuiteSigmas", (X2, 430), (320, 130),
+                  {"step_grid": "dpm_time_uniform", "steps": 20, "denoise": 1.0}, color=OURS)
+    wf.link(ids["model"], 0, sig, "model")
+    adv = wf.node("SamplerCustomAdvanced", (X3, 200), (260, 130))
+    wf.link(noise, 0, adv, "noise")
+    wf.link(guider, 0, adv, "guider")
+    wf.link(sel, 0, adv, "sampler")
+    wf.link(sig, 0, adv, "sigmas")
+    wf.link(res, "latent", adv, "latent_image")
+    _decode_save(wf, adv, "output", ids["vae"], "PixArt-Sigma_custom_advanced", x=X3 + 300)
+    return wf, "1024 x 1024"
+
+
+def ksampler_stock(oi) -> tuple[Workflow, str]:
+    wf = Workflow("ksampler_stock", oi)
+    model = wf.node("PixArtSuiteModelLoader", (X0, 0), (360, 180), {"ckpt_name": PIXART_1024}, color=OURS)
+    t5 = wf.node("PixArtSuiteT5Loader", (X0, 230), (360, 110), {"t5_name": T5_XXL}, color=OURS)
+    vae = wf.node("VAELoader", (X0, 390), (360, 60), {"vae_name": SDXL_VAE})
+    wf.note(_note([PIXART_1024, T5_XXL, SDXL_VAE], "PixArt-Σ with stock ComfyUI nodes",
+                  "The model and the T5 are ordinary MODEL and CLIP: CLIP Text Encode, Empty Latent Image and "
+                  "KSampler work as with any model. Use sizes that are multiples of 16."), (X0, 500), (400, 300))
+    pos = wf.node("CLIPTextEncode", (X1, 0), (430, 200), {"text": PROMPT}, title="Positive prompt")
+    neg = wf.node("CLIPTextEncode", (X1, 250), (430, 160), {"text": NEGATIVE}, title="Negative prompt")
+    wf.link(t5, 0, pos, "clip")
+    wf.link(t5, 0, neg, "clip")
+    empty = wf.node("EmptyLatentImage", (X1, 460), (430, 110), {"width": 1024, "height": 1024, "batch_size": 1})
+    ks = wf.node("KSampler", (X2, 0), (330, 270), {"seed": SEED, "steps": 20, "cfg": 4.5, "sampler_name": "dpmpp_2m",
+                                                   "scheduler": "normal", "denoise": 1.0})
+    wf.link(model, 0, ks, "model")
+    wf.link(pos, 0, ks, "positive")
+    wf.link(neg, 0, ks, "negative")
+    wf.link(empty, 0, ks, "latent_image")
+    _decode_save(wf, ks, 0, vae, "PixArt-Sigma_ksampler")
+    return wf, "1024 x 1024"
+
+
+BUILDERS = [txt2img_1024, txt2img_2k, txt2img_4k, hires_fix, img2img, sampler_custom_advanced, ksampler_stock]
+
+
+# --------------------------------------------------------------------------------------------
+# Thumbnails: a picture of the graph
+# --------------------------------------------------------------------------------------------
+
+LINK_COLORS = {"MODEL": "#b39ddb", "CLIP": "#ffd500", "CONDITIONING": "#ffa931", "LATENT": "#ff9cf9",
+               "VAE": "#ff6e6e", "IMAGE": "#64b5f6", "INT": "#7fd07f", "SAMPLER": "#ecb4b4", "SIGMAS": "#cdffcd",
+               "NOISE": "#b0b0b0", "GUIDER": "#66ffff", "MASK": "#81c784"}
+
+
+def render_thumbnail(workflow: Mapping, title: str, subtitle: str, path: Path, width: int = 640,
+                     height: int = 400) -> Path:
+    from PIL import Image, ImageDraw, ImageFont
+
+    def font(size):
+        try:
+            return ImageFont.truetype("DejaVuSans.ttf", size)
+        except OSError:
+            return ImageFont.load_default(size=size)
+
+    img = Image.new("RGB", (width, height), "#1b1b1f")
+    draw = ImageDraw.Draw(img)
+    for gx in range(0, width, 20):  # the canvas grid
+        draw.line([(gx, 0), (gx, height)], fill="#202026")
+    for gy in range(0, height, 20):
+        draw.line([(0, gy), (width, gy)], fill="#202026")
+    header = 78
+    draw.text((18, 10), title, font=font(22), fill="#f0f0f0")
+    for i, line in enumerate(subtitle.splitlines()[:2]):
+        draw.text((18, 40 + 17 * i), line, font=font(13), fill="#a8a8b8")
+    nodes = [n for n in workflow["nodes"] if n["type"] != "MarkdownNote"]
+    x0 = min(n["pos"][0] for n in nodes)
+    y0 = min(n["pos"][1] for n in nodes)
+    x1 = max(n["pos"][0] + n["size"][0] for n in nodes)
+    y1 = max(n["pos"][1] + n["size"][1] for n in nodes)
+    margin = 14
+    scale = min((width - 2 * margin) / (x1 - x0), (height - header - 2 * margin) / (y1 - y0))
+
+    def box(n):
+        x, y = (n["pos"][0] - x0) * scale + margin, (n["pos"][1] - y0) * scale + header + margin
+        return x, y, x + n["size"][0] * scale, y + max(n["size"][1], 60) * scale
+
+    by_id = {n["id"]: n for n in nodes}
+    for _lid, src, _sslot, dst, _dslot, ltype in workflow["links"]:
+        if src not in by_id or dst not in by_id:
+            continue
+        a, b = box(by_id[src]), box(by_id[dst])
+        p0, p3 = (a[2], (a[1] + a[3]) / 2), (b[0], (b[1] + b[3]) / 2)
+        dx = max(20.0, abs(p3[0] - p0[0]) / 2)
+        pts = []
+        for i in range(25):  # cubic bezier like the canvas's splines
+            t = i / 24
+            x = (1 - t) ** 3 * p0[0] + 3 * (1 - t) ** 2 * t * (p0[0] + dx) + 3 * (1 - t) * t ** 2 * (p3[0] - dx) + t ** 3 * p3[0]
+            y = (1 - t) ** 3 * p0[1] + 3 * (1 - t) ** 2 * t * p0[1] + 3 * (1 - t) * t ** 2 * p3[1] + t ** 3 * p3[1]
+            pts.append((x, y))
+        draw.line(pts, fill=LINK_COLORS.get(ltype, "#999999"), width=2)
+    small = font(max(9, min(13, int(11 * scale / 0.3))))
+    for n in nodes:
+        x, y, xe, ye = box(n)
+        ours = n["type"].startswith("PixArtSuite")
+        draw.rounded_rectangle([x, y, xe, ye], radius=5, fill="#2e3350" if ours else "#353535",
+                               outline="#8c9eff" if ours else "#5a5a5a", width=2)
+        label = n.get("title") or DISPLAY_NAMES.get(n["type"], n["type"])
+        while label and draw.textlength(label, font=small) > (xe - x) - 8:
+            label = label[:-2] + "…" if len(label) > 2 else ""
+        draw.text((x + 5, y + 4), label, font=small, fill="#e8e8e8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, "JPEG", quality=88, optimize=True)
+    return path
+
+
+DISPLAY_NAMES: dict[str, str] = {}
+
+TITLES = {
+    "txt2img_1024": "PixArt-Σ · text to image · 1024",
+    "txt2img_2k": "PixArt-Σ · text to image · 2K",
+    "txt2img_4k_kv_compression": "PixArt-Σ · 4K · KV compression + tiled decode",
+    "hires_fix_1024_to_2k": "PixArt-Σ · hires fix · 1024 → 2K",
+    "img2img": "PixArt-Σ · image to image",
+    "sampler_custom_advanced": "PixArt-Σ · SamplerCustomAdvanced",
+    "ksampler_stock": "PixArt-Σ · stock KSampler",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+def fetch_object_info() -> dict:
+    base = REPO / ".cache" / "make_workflows"
+    with comfy_host.ComfyHost(base) as host:
+        host.require_nodes(["PixArtSuiteModelLoader", "PixArtSuiteSampler"])
+        return host.object_info()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--object-info", type=Path, help="a saved GET /object_info (default: start the test host)")
+    parser.add_argument("--out", type=Path, default=OUT_DIR)
+    args = parser.parse_args(argv)
+    oi = json.loads(args.object_info.read_text()) if args.object_info else fetch_object_info()
+    DISPLAY_NAMES.update({k: v.get("display_name") or k for k, v in oi.items()})
+    for build in BUILDERS:
+        wf, size = build(oi)
+        data = wf.to_json()
+        target = args.out / f"{wf.name}.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        models = sorted({v for n in data["nodes"] for v in n.get("widgets_values") or []
+                         if isinstance(v, str) and v in MODELS_NOTE})
+        thumb = render_thumbnail(data, TITLES.get(wf.name, wf.name), f"output {size}\n" + "  ·  ".join(models),
+                                 target.with_suffix(".jpg"))
+        print(f"{target.relative_to(REPO) if target.is_relative_to(REPO) else target}  "
+              f"({len(data['nodes'])} nodes, {len(data['links'])} links; thumbnail {thumb.stat().st_size // 1024} KB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
