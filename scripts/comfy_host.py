@@ -265,7 +265,8 @@ class ComfyHost:
                  *, comfy_dir: str | os.PathLike | None = None, python: str | None = None,
                  pack_dir: str | os.PathLike | None = REPO, pack_name: str | None = None,
                  startup_timeout: float = 120.0, env: Mapping[str, str] | None = None,
-                 torchvision_stub: bool | None = None):
+                 torchvision_stub: bool | None = None, cpu: bool = True):
+        self.cpu = cpu  # --cpu: tests and CI; run_workflow.py turns it off when CUDA is there
         self.base_dir = Path(base_dir).resolve()
         self.port = port
         self.extra_args = list(extra_args)
@@ -323,7 +324,7 @@ class ComfyHost:
 
     # -- lifecycle ------------------------------------------------------------------------
     def command(self) -> list[str]:
-        return [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        return [self.python, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1", "--port", str(self.port),
                 "--base-directory", str(self.base_dir), "--database-url", "sqlite:///:memory:",
                 "--disable-api-nodes", "--disable-auto-launch", "--front-end-root", str(WEBROOT_DIR),
                 *self.extra_args]

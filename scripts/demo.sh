@@ -25,7 +25,7 @@ if [ -z "${models:-}" ]; then
   exit 1
 fi
 if [ "$mode" = real ] && ! .venv/bin/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
-  echo "   note: the host runs on the CPU; 20 steps of the real 0.6B model at 1024 px take long there" >&2
+  echo "   note: no GPU visible to torch, so ComfyUI runs on the CPU; 20 steps of the 0.6B model at 1024 px take long there" >&2
 fi
 sets=()
 if [ $# -ge 1 ] && [ -n "$1" ]; then

@@ -125,6 +125,11 @@ def execute(host: ComfyHost, workflow: Mapping, out_dir: Path, sets: Iterable[st
     return copies
 
 
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
 def _prune_dangling_links(models_dir: Path) -> None:
     for path in models_dir.rglob("*"):
         if path.is_symlink() and not path.exists():
@@ -149,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--comfy-dir", type=Path, default=None,
                         help="use this ComfyUI checkout instead of the pinned host (or set COMFYUI_DIR)")
     parser.add_argument("--extra-arg", action="append", default=[], help="extra main.py argument, written --extra-arg=--flag (repeatable)")
+    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                        help="where ComfyUI runs the models (auto: the GPU when torch sees one)")
     parser.add_argument("-v", "--verbose", action="store_true", help="stream the host log")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s",
@@ -161,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     try:
         comfy_dir = comfy_host.ensure_host(args.comfy_dir)
-        host = ComfyHost(args.base, port=args.port, extra_args=args.extra_arg, comfy_dir=comfy_dir)
+        cpu = args.device == "cpu" or (args.device == "auto" and not _cuda_available())
+        host = ComfyHost(args.base, port=args.port, extra_args=args.extra_arg, comfy_dir=comfy_dir, cpu=cpu)
         _prune_dangling_links(host.models_dir)
         for src in args.models:
             made = comfy_host.link_models(src, host.models_dir)
