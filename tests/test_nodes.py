@@ -472,3 +472,42 @@ def test_kv_layer_parser(env):
     assert parse("14-27", 28) == tuple(range(14, 28))
     assert parse(" 0, 2 ,5-9", 28) == (0, 2, 5, 6, 7, 8, 9)
     assert parse("all", 4) == (0, 1, 2, 3) and parse("none", 4) == ()
+
+
+# -------------------------------------------------------------------------------------------------
+# our MODEL and CONDITIONING inside stock ComfyUI machinery
+# -------------------------------------------------------------------------------------------------
+
+def test_stock_lora_loading_patches_our_model(env):
+    """A diffusers-style PixArt LoRA through ComfyUI's own loader (comfy/lora.py maps keys for any
+    model_base.PixArt): the patched q projection equals W + strength · up @ down."""
+    import comfy.sd
+    D = env.core.config.hidden_size
+    g = torch.Generator().manual_seed(3)
+    down, up = torch.randn(4, D, generator=g), torch.randn(D, 4, generator=g)
+    lora = {"transformer.transformer_blocks.1.attn1.to_q.lora_A.weight": down,
+            "transformer.transformer_blocks.1.attn1.to_q.lora_B.weight": up}
+    patched, _ = comfy.sd.load_lora_for_models(env.model, None, lora, 0.5, 0.0)
+    assert len(patched.patches) == 1
+    patched.patch_model()
+    try:
+        qkv = patched.model.diffusion_model.blocks[1].attn.qkv.weight.detach().clone()
+    finally:
+        patched.unpatch_model()
+    base = env.core.blocks[1].attn.qkv.weight.detach()
+    assert torch.allclose(qkv[:D], base[:D] + 0.5 * up @ down, atol=1e-5)
+    assert torch.equal(qkv[D:], base[D:])  # k and v untouched
+    assert torch.equal(env.model.model.diffusion_model.blocks[1].attn.qkv.weight, base)  # unpatched again
+
+
+def test_stock_conditioning_nodes_keep_our_mask(env):
+    """ConditioningCombine / SetTimestepRange chains carry our attention_mask through to sampling."""
+    import nodes as comfy_nodes
+    combined = comfy_nodes.ConditioningCombine().combine(env.pos, env.pos)[0]
+    assert len(combined) == 2 and all("attention_mask" in d for _, d in combined)
+    early = comfy_nodes.ConditioningSetTimestepRange().set_range(env.pos, 0.0, 0.5)[0]
+    late = comfy_nodes.ConditioningSetTimestepRange().set_range(env.pos, 0.5, 1.0)[0]
+    split = early + late
+    assert all("attention_mask" in d for _, d in split)
+    # the two halves of one prompt over the two halves of the schedule sample like the prompt itself
+    assert torch.allclose(run_sampler(env, pos=split), run_sampler(env), atol=1e-5)
