@@ -293,7 +293,9 @@ class PixArt(nn.Module):
         ops = operations or CastOps
         self.config = config
         self.compute_dtype = dtype or torch.get_default_dtype()
-        self.ff_chunk = None  # tokens per MLP chunk; None = whole sequence
+        # Tokens per MLP chunk (exact, see PixArtBlock): only 4K grids are longer, where the 4·D-wide
+        # hidden activation would otherwise take 2.4 GB per CFG pair in fp32. None = never chunk.
+        self.ff_chunk = 16384
         self.kv_compress = KVCompress.from_config(config)
         D = config.hidden_size
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D, dtype, device, ops)
