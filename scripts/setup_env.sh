@@ -8,10 +8,11 @@ stamp=.venv/.stamp-$(cat requirements-dev.txt scripts/setup_env.sh | sha1sum | c
 if [ -f "$stamp" ]; then exit 0; fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
-python -m pip install -q --upgrade pip
+quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+quiet python -m pip install -q --upgrade pip
 # torch first, pinned: a CPU build on local disk (an unpinned torch would pull a CUDA build).
-python -m pip install -q torch==2.13.0
+quiet python -m pip install -q torch==2.13.0
 echo "torch==2.13.0" > .venv/torch-constraint.txt
-python -m pip install -q -c .venv/torch-constraint.txt -r requirements-dev.txt
+quiet python -m pip install -q -c .venv/torch-constraint.txt -r requirements-dev.txt
 rm -f .venv/.stamp-*
 touch "$stamp"

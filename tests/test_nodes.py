@@ -481,6 +481,7 @@ def test_kv_layer_parser(env):
 def test_stock_lora_loading_patches_our_model(env):
     """A diffusers-style PixArt LoRA through ComfyUI's own loader (comfy/lora.py maps keys for any
     model_base.PixArt): the patched q projection equals W + strength · up @ down."""
+    import comfy.model_management as mm
     import comfy.sd
     D = env.core.config.hidden_size
     g = torch.Generator().manual_seed(3)
@@ -489,11 +490,9 @@ def test_stock_lora_loading_patches_our_model(env):
             "transformer.transformer_blocks.1.attn1.to_q.lora_B.weight": up}
     patched, _ = comfy.sd.load_lora_for_models(env.model, None, lora, 0.5, 0.0)
     assert len(patched.patches) == 1
-    patched.patch_model()
-    try:
-        qkv = patched.model.diffusion_model.blocks[1].attn.qkv.weight.detach().clone()
-    finally:
-        patched.unpatch_model()
+    mm.load_models_gpu([patched])  # how sampling loads it: the patcher in use applies its patches
+    qkv = patched.model.diffusion_model.blocks[1].attn.qkv.weight.detach().clone()
+    mm.load_models_gpu([env.model])
     base = env.core.blocks[1].attn.qkv.weight.detach()
     assert torch.allclose(qkv[:D], base[:D] + 0.5 * up @ down, atol=1e-5)
     assert torch.equal(qkv[D:], base[D:])  # k and v untouched
