@@ -70,7 +70,9 @@ class PatchEmbed(nn.Module):
                                       dtype=dtype, device=device)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
+        # contiguous: otherwise the residual stream keeps the conv's channels-first layout through
+        # every block, and each LayerNorm and linear copies it first
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()  # (B, D, h, w) -> (B, N, D)
 
 
 class TimestepEmbedder(nn.Module):
@@ -105,7 +107,10 @@ class Mlp(nn.Module):
         self.fc2 = operations.Linear(hidden_features, out_features, dtype=dtype, device=device)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        h = self.fc1(x)
+        # in place when no gradient is needed: saves allocating another 4·D-wide activation
+        h = F.gelu(h, approximate="tanh") if torch.is_grad_enabled() else torch.ops.aten.gelu_(h, approximate="tanh")
+        return self.fc2(h)
 
 
 class CaptionEmbedder(nn.Module):
@@ -207,7 +212,14 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, hw, kv: KVCompress | None = None):
         B, N, D = x.shape
-        q, k, v = self.qkv(x).chunk(3, dim=-1)  # each (B, N, D)
+        heads, hd = self.num_heads, D // self.num_heads
+        qkv = self.qkv(x)  # (B, N, 3D)
+        if kv is None and self.q_norm is None:
+            # one copy into head-major q, k, v: SDPA runs faster on contiguous heads than on strided views
+            q, k, v = qkv.view(B, N, 3, heads, hd).permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # (B, heads, N, hd)
+            out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, hd)
+            return self.proj(out.transpose(1, 2).reshape(B, N, D))
+        q, k, v = qkv.chunk(3, dim=-1)  # each (B, N, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if kv is not None:
@@ -215,7 +227,6 @@ class SelfAttention(nn.Module):
             norm = self.norm if sr is not None else None
             k = compress_tokens(k, hw, kv.ratio, kv.mode, sr, norm)  # (B, N', D)
             v = compress_tokens(v, hw, kv.ratio, kv.mode, sr, norm)
-        heads, hd = self.num_heads, D // self.num_heads
         q = q.view(B, N, heads, hd).transpose(1, 2)  # (B, heads, N, hd)
         k = k.reshape(B, -1, heads, hd).transpose(1, 2)  # (B, heads, N', hd)
         v = v.reshape(B, -1, heads, hd).transpose(1, 2)

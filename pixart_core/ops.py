@@ -4,6 +4,8 @@
 fp32 run, ...) are cast on the fly, one layer at a time. ComfyUI passes its own `comfy.ops`
 namespaces instead, which have the same constructor signatures.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,9 +17,28 @@ def _cast(t, like):
     return t.to(device=like.device, dtype=like.dtype)
 
 
+@functools.cache
+def cpu_has_native_gemm(dtype) -> bool:
+    """Whether this CPU has fast GEMM kernels for bf16/fp16 (AVX512-BF16/AMX or AVX512-FP16 class).
+
+    Without them PyTorch runs low-precision matmuls 5-10x slower than fp32 (measured on AVX2:
+    benchmarks/results/latest.md).
+    """
+    try:
+        if dtype == torch.bfloat16:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return True  # unknown build: leave PyTorch's choice alone
+
+
 class CastOps:
     class Linear(nn.Linear):
         def forward(self, x):
+            if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and not cpu_has_native_gemm(x.dtype):
+                # bf16/fp16 -> fp32 is exact and the low-precision CPU GEMMs accumulate in fp32 too:
+                # only the summation order changes, at fp32 speed
+                return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float()).to(x.dtype)
             return F.linear(x, _cast(self.weight, x), _cast(self.bias, x))
 
     class Conv2d(nn.Conv2d):
