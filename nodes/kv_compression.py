@@ -1,40 +1,13 @@
 """PixArt KV Compression: switch key/value token compression on for chosen self-attention layers."""
 from __future__ import annotations
 
-import re
-
 from comfy_api.latest import io
 
 from ..pixart_core import KVCompress
+from ..pixart_core.model import parse_layers
 from .comfy_model import pixart_config_of, with_kv_compression
 from .common import CATEGORY
 from .loaders import KV_MODES
-
-_ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
-
-
-def parse_layers(text: str, depth: int) -> tuple[int, ...]:
-    """'14-27', '0,2,5-9', 'all' or 'none' -> sorted layer indices, checked against the model's depth."""
-    spec = (text or "").strip().lower()
-    if spec == "all":
-        return tuple(range(depth))
-    if spec in ("", "none", "off"):
-        return ()
-    layers = set()
-    for part in spec.split(","):
-        m = _ITEM.match(part)
-        if m is None:
-            raise ValueError(f"layers {text!r} is not a layer list; write numbers and ranges like 14-27 or 0,2,5-9, "
-                             "or all")
-        lo, hi = int(m.group(1)), int(m.group(2) if m.group(2) is not None else m.group(1))
-        if hi < lo:
-            raise ValueError(f"layers {text!r} has the range {lo}-{hi}, which runs backwards; write it as {hi}-{lo}")
-        layers.update(range(lo, hi + 1))
-    bad = sorted(i for i in layers if i >= depth)
-    if bad:
-        raise ValueError(f"layers {text!r} names layer {bad[0]}, but this model has layers 0-{depth - 1}; "
-                         f"use numbers up to {depth - 1} or all")
-    return tuple(sorted(layers))
 
 
 class PixArtSuiteKVCompression(io.ComfyNode):

@@ -37,13 +37,13 @@ def _encode(args):
 
 def _generate(args):
     from .loading import load_pixart
-    from .model import KVCompress
+    from .model import KVCompress, parse_layers
     from .pipeline import Conditioning, generate, save_latents
     loaded = load_pixart(args.model, preset=args.preset, dtype=args.dtype, device=args.device,
                          compute_dtype=getattr(torch, args.compute_dtype))
     model = loaded.model.eval()
     if args.kv_layers is not None:
-        model.kv_compress = KVCompress(_parse_layers(args.kv_layers, model.config.depth), args.kv_ratio, args.kv_mode)
+        model.kv_compress = KVCompress(parse_layers(args.kv_layers, model.config.depth), args.kv_ratio, args.kv_mode)
     encoder = _load_t5(args)
     length = model.config.model_max_length
     prompt = Conditioning(*encoder.encode([args.prompt], max_length=length))
@@ -55,16 +55,6 @@ def _generate(args):
     save_latents(args.output, result)
     print(f"wrote {args.output}: {result.width}x{result.height} px latents (requested "
           f"{result.requested[1]}x{result.requested[0]}), seed {result.seed}")
-
-
-def _parse_layers(text: str, depth: int) -> tuple[int, ...]:
-    if text.strip() == "all":
-        return tuple(range(depth))
-    layers = []
-    for part in text.split(","):
-        lo, _, hi = part.strip().partition("-")
-        layers += range(int(lo), int(hi or lo) + 1)
-    return tuple(layers)
 
 
 def main(argv=None) -> int:

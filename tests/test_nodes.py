@@ -468,7 +468,7 @@ def test_kv_node_bad_layers_are_one_sentence(env, layers, message):
 
 
 def test_kv_layer_parser(env):
-    parse = env.pack.nodes.kv_compression.parse_layers
+    parse = env.pack.nodes.kv_compression.parse_layers  # the one in pixart_core.model, as the node uses it
     assert parse("14-27", 28) == tuple(range(14, 28))
     assert parse(" 0, 2 ,5-9", 28) == (0, 2, 5, 6, 7, 8, 9)
     assert parse("all", 4) == (0, 1, 2, 3) and parse("none", 4) == ()
