@@ -47,6 +47,16 @@ def _attention_efficiency(res, px):
     return None
 
 
+def _attention_time(res, px):
+    """Seconds of the uncompressed self-attention core (batch 2) at px from the KV section, if measured
+    in the speed section's dtype."""
+    kv = res.get("kv") or {}
+    for c in kv.get("cells", []):
+        if c["px"] == px:
+            return c["attention"]["times_s"]["sdpa_off"]
+    return None
+
+
 def _profile_share(res, px, dtype, impl):
     for p in res.get("profile") or []:
         if p["px"] == px and p["dtype"] == dtype and impl in p["split"]:
@@ -75,9 +85,19 @@ def targets(res) -> list[dict]:
             ok = r >= 1.2
             why = ""
             if not ok:
+                att = _attention_time(res, c["px"])
+                depth = sp.get("depth", 1)
                 if ceiling < 1.2:
                     why = (f"unreachable here: {fast} already runs at {_pct(c['floor_s'] / t_fast)} of the matmul floor, "
                            f"so even a step at 100% of the floor would be only {ceiling:.2f}x faster")
+                elif att is not None and rates.get(c["dtype"]):
+                    from .flops import attention_flops
+                    rest = c["flops"] - depth * attention_flops(2, c["tokens"], c["tokens"])
+                    best = depth * att + rest / rates[c["dtype"]]["rate"]
+                    why = (f"self-attention runs in PyTorch's CPU flash-attention kernel in every implementation "
+                           f"({fmt_s(att)} per block here, measured in the KV section); with it and every other FLOP at "
+                           f"the GEMM rate a step takes at least {fmt_s(best)}, at most {t_fast / best:.2f}x faster than "
+                           f"{fast}; {impl} is at {fmt_s(c['times'][impl]['median_s'])}")
                 else:
                     why = f"{impl} runs at {_pct(c['fraction_of_floor'][impl])} of the floor; {fast} at {_pct(c['floor_s'] / t_fast)}"
                     sh = _profile_share(res, c["px"], c["dtype"], impl)
@@ -153,6 +173,9 @@ def markdown(res) -> str:
     L = []
     L.append(f"# PixArt benchmarks — {res['mode']} ({res['date']})\n")
     L.append(f"`{res['command']}` · {res.get('elapsed_s', 0) / 60:.1f} min · results/{res['name']}.json\n")
+    if res.get("merged_from_earlier_runs"):
+        L.append(f"(sections {', '.join(res['merged_from_earlier_runs'])} come from earlier runs with --merge; "
+                 "see the json for their dates)\n")
     hw = info.get("gpu") or info["cpu"]
     flags = ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in info.get("cpu_flags", {}).items())
     L.append(f"- device: **{info['device']}** — {hw}; {info['logical_cpus']} logical / {info['physical_cores']} "
@@ -181,7 +204,8 @@ def markdown(res) -> str:
         if sp.get("skip_note"):
             L.append(f"- –: {sp['skip_note']}")
         if any(n == PATCHED for c in sp["cells"] for n in c["times"]):
-            L.append(f"- `{PATCHED}`: pixart_core with benchmarks/proposed_model.patch applied (same weights)")
+            L.append(f"- `{PATCHED}`: " + sp.get("patch_note", "pixart_core with benchmarks/proposed_model.patch "
+                                                             "applied (same weights)"))
         L.append("")
         rates = sp.get("rates", {})
         L.append("| matmul rate | a @ b.T (nn.Linear layout) | a @ b | used for the floor |")

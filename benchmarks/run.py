@@ -43,9 +43,10 @@ def plan_for(mode: str, device) -> dict:
         }
     if mode == "full":
         return {
-            "speed": {"depth": 1, "warmup": 1, "runs": 3, "cells": [
-                ("fp32", 512, ALL_IMPLS), ("fp32", 1024, ALL_IMPLS), ("fp32", 2048, ALL_IMPLS),
-                ("bf16", 512, ALL_IMPLS), ("bf16", 1024, NO_SUBQUAD), ("bf16", 2048, NO_SUBQUAD, 2)]},
+            "speed": {"depth": 1, "warmup": 1, "runs": 3, "patch_dtypes": ("bf16",), "cells": [
+                ("fp32", 512, ALL_IMPLS), ("fp32", 1024, ALL_IMPLS), ("fp32", 2048, ALL_IMPLS, 2),
+                ("bf16", 512, ALL_IMPLS), ("bf16", 1024, NO_SUBQUAD),
+                ("bf16", 2048, ["pixart_core", "pixart_core+patch", "diffusers"], 2)]},
             "kv": {"dtype": "fp32", "warmup": 1, "runs": 3, "sizes": [
                 (1024, {}), (2048, {}),
                 (4096, {"attention_q_fraction": 1 / 16, "warmup": 0, "runs": 1})]},
@@ -56,10 +57,10 @@ def plan_for(mode: str, device) -> dict:
                 (4096, "all", 1, True, "bf16")],
                 "t5": [dict(layers=2, d_model=4096, d_ff=10240), dict(layers=24, d_model=4096, d_ff=10240)],
                 "validate": 512},
-            "profile": [(1024, "fp32", None), (1024, "bf16", NO_SUBQUAD), (2048, "fp32", ["pixart_core+patch", "diffusers"])],
+            "profile": [(1024, "fp32", None), (1024, "bf16", NO_SUBQUAD), (2048, "fp32", ["pixart_core", "diffusers"])],
         }
     return {  # quick, CPU
-        "speed": {"depth": 1, "warmup": 1, "runs": 3, "cells": [
+        "speed": {"depth": 1, "warmup": 1, "runs": 3, "patch_dtypes": ("bf16",), "cells": [
             ("fp32", 512, ALL_IMPLS), ("fp32", 1024, ALL_IMPLS), ("bf16", 512, NO_SUBQUAD)]},
         "kv": {"dtype": "fp32", "warmup": 1, "runs": 3, "sizes": [
             (1024, {}), (2048, {"attention_q_fraction": 1 / 4, "blocks": False}),
@@ -84,6 +85,8 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=None, help="override the timed rounds")
     ap.add_argument("--no-patch", action="store_true", help="skip the pixart_core+patch rows")
     ap.add_argument("--from-json", default=None, help="only rewrite latest.md/png from a results json")
+    ap.add_argument("--merge", action="store_true", help="keep the sections of an existing results/<name>.json "
+                    "that this run does not redo (run the full set in parts)")
     a = ap.parse_args(argv)
     from . import report
     if a.from_json:
@@ -103,8 +106,13 @@ def main(argv=None):
     if device.type == "cpu":
         plan["speed"]["skip_note"] = (
             "not timed. ComfyUI's CPU default attention (sub-quadratic, baddbmm chunks) in bf16 goes through "
-            "PyTorch's bf16 batched-matmul fallback on CPUs without bf16 GEMMs (~1 GFLOP/s here), minutes per "
-            "step above 512 px; `comfy+sdpa` is ComfyUI's faster option on the same machine")
+            "PyTorch's bf16 batched-matmul fallback on CPUs without bf16 GEMMs (~1 GFLOP/s here): minutes per "
+            "step above 512 px. `comfy+sdpa` in bf16 is 3-4x slower than diffusers at 512 and 1024 px (its "
+            "residual stream stays in the patch conv's strided layout, so q_linear takes the bf16 bmm fallback) "
+            "and is not timed at 2048 px either: diffusers is the faster peer there")
+        plan["speed"]["patch_note"] = ("pixart_core with benchmarks/proposed_model.patch applied (same weights); "
+                                       "timed where the patch changes the computation (" +
+                                       ", ".join(plan["speed"].get("patch_dtypes", ())) + " on this CPU)")
     if a.depth:
         plan["speed"]["depth"] = a.depth
     if a.runs:
@@ -112,13 +120,23 @@ def main(argv=None):
     name = a.name or f"{mode}-{device.type}"
     os.makedirs(RESULTS, exist_ok=True)
     t_start = time.perf_counter()
+    previous = {}
+    if a.merge and os.path.isfile(os.path.join(RESULTS, f"{name}.json")):
+        with open(os.path.join(RESULTS, f"{name}.json")) as f:
+            previous = {k: v for k, v in json.load(f).items() if k in SECTIONS}
     res = {"name": name, "mode": mode, "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "command": "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv),
            "info": device_info(device, threads), "plan": plan, "load_start": load_average()}
+    res.update({k: v for k, v in previous.items() if k not in a.sections})
+    if previous:
+        res["merged_from_earlier_runs"] = sorted(k for k in previous if k not in a.sections)
     print(f"PixArt benchmarks ({mode}) on {res['info'].get('gpu') or res['info']['cpu']}, {threads} threads, "
           f"torch {torch.__version__}; load average {res['load_start']}")
 
     def save():
+        for sec in a.sections:
+            if isinstance(res.get(sec), dict) and "finished" not in res[sec]:
+                res[sec]["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
         res["elapsed_s"] = time.perf_counter() - t_start
         res["load_end"] = load_average()
         with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:

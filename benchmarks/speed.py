@@ -19,6 +19,7 @@ def native_sample_size(px: int) -> int:
 
 
 def build(depth, dtype, device, px=1024, with_comfy=True, with_patch=True, log=print):
+    """The implementations for one cell. `with_patch` adds pixart_core+patch when the patch applies."""
     models = {OURS: peers.ours(depth, dtype, device, sample_size=native_sample_size(px))}
     if with_patch and proposed.available():
         models[PATCHED] = peers.ours(depth, dtype, device, sample_size=native_sample_size(px), package=proposed.NAME)
@@ -41,7 +42,8 @@ def run(plan: dict, device, log=print) -> dict:
     """plan: depth, warmup, runs, cells: [(dtype_name, px, [impl names or None for all][, runs])]."""
     depth = plan["depth"]
     results = {"depth": depth, "valid_tokens": peers.VALID, "seq_len": peers.SEQ_LEN, "batch": peers.BATCH,
-               "cells": [], "rates": {}, "notes": {}}
+               "cells": [], "rates": {}, "notes": {}, "skip_note": plan.get("skip_note"),
+               "patch_note": plan.get("patch_note")}
     by_dtype = {}
     for cell in plan["cells"]:
         dname, px, only = cell[:3]
@@ -51,7 +53,8 @@ def run(plan: dict, device, log=print) -> dict:
         rate = matmul_rate(dtype, device)
         log(f"  matmul rate {dname}: a@b.T {rate['a@b.T'] / 1e9:.1f} GFLOP/s, a@b {rate['a@b'] / 1e9:.1f} GFLOP/s")
         for px, only, runs in cells:
-            models, notes = build(depth, dtype, device, px, log=lambda *a: None)
+            models, notes = build(depth, dtype, device, px, with_patch=dname in plan.get("patch_dtypes", DTYPES),
+                                  log=lambda *a: None)
             results["notes"].update(notes)
             names = [n for n in models if only is None or n in only]
             log(f"  step {px} px {dname} (depth {depth}): {', '.join(names)}   load {load_average()}")
