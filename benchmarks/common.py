@@ -198,6 +198,19 @@ def matmul_rate(dtype, device, n: int | None = None, reps: int = 3) -> dict:
     return out
 
 
+def matmul_case(dtype, device, layout: str = "a@b.T", n: int | None = None):
+    """(zero-argument callable, FLOPs) of one square matmul, to time inside the interleaved rounds so
+    the floor sees the same machine state (frequency, other load) as the steps."""
+    dev = torch.device(device)
+    if n is None:
+        n = 4096 if (dev.type == "cuda" or dtype == torch.float32) else 2048
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device=dev, dtype=dtype)
+    b = torch.randn(n, n, generator=g).to(device=dev, dtype=dtype)
+    fn = (lambda: F.linear(a, b)) if layout == "a@b.T" else (lambda: a @ b)
+    return fn, 2 * n ** 3
+
+
 def fmt_s(s: float | None) -> str:
     if s is None:
         return "–"

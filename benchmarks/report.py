@@ -47,6 +47,13 @@ def _attention_efficiency(res, px):
     return None
 
 
+def _rate(res, c):
+    """The matmul rate a speed cell's floor uses (timed in its own rounds; older results: the global one)."""
+    if c.get("matmul_in_rounds"):
+        return c["matmul_in_rounds"]["rate"]
+    return ((res.get("speed") or {}).get("rates", {}).get(c["dtype"]) or {}).get("rate")
+
+
 def _attention_time(res, px):
     """Seconds of the uncompressed self-attention core (batch 2) at px from the KV section, if measured
     in the speed section's dtype."""
@@ -90,10 +97,10 @@ def targets(res) -> list[dict]:
                 if ceiling < 1.2:
                     why = (f"unreachable here: {fast} already runs at {_pct(c['floor_s'] / t_fast)} of the matmul floor, "
                            f"so even a step at 100% of the floor would be only {ceiling:.2f}x faster")
-                elif att is not None and rates.get(c["dtype"]):
+                elif att is not None and _rate(res, c):
                     from .flops import attention_flops
                     rest = c["flops"] - depth * attention_flops(2, c["tokens"], c["tokens"])
-                    best = depth * att + rest / rates[c["dtype"]]["rate"]
+                    best = depth * att + rest / _rate(res, c)
                     why = (f"self-attention runs in PyTorch's CPU flash-attention kernel in every implementation "
                            f"({fmt_s(att)} per block here, measured in the KV section); with it and every other FLOP at "
                            f"the GEMM rate a step takes at least {fmt_s(best)}, at most {t_fast / best:.2f}x faster than "
@@ -121,7 +128,7 @@ def targets(res) -> list[dict]:
                 if not ok:
                     parts = []
                     eff = _attention_efficiency(res, 1024) if c["dtype"] == "fp32" else None
-                    rate = rates.get(c["dtype"], {}).get("rate")
+                    rate = _rate(res, c)
                     if eff and rate:
                         from .flops import block_flops
                         b = block_flops(c["tokens"], c["tokens"], 24)
@@ -136,8 +143,9 @@ def targets(res) -> list[dict]:
                 if "fraction_of_fp32_floor" in c:
                     value += f" ({_pct(c['fraction_of_fp32_floor'][impl])} of the fp32 floor)"
                     if ok and f > 1:
-                        why = (f"met only because the {c['dtype']} GEMMs of this CPU are slow: the patch computes them "
-                               "in fp32 and beats the " + c["dtype"] + " floor")
+                        why = (f"met only because this CPU's {c['dtype']} GEMMs are slow: {impl} runs them in fp32 "
+                               f"(exact upcast) and so beats the {c['dtype']} floor; against the fp32 floor see the "
+                               "bracket")
                 rows.append(dict(target=f"≥{_pct(need)} of the matmul floor ({c['dtype']}, 1024 px)", impl=impl,
                                  value=value, ok=ok, why=why))
     for c in (res.get("kv") or {}).get("cells", []):
@@ -214,24 +222,26 @@ def markdown(res) -> str:
             b, a = r["before"], r["after"]
             L.append(f"| {dn} (n={b['n']}) | {_g(b['a@b.T'])} / {_g(a['a@b.T'])} GFLOP/s | "
                      f"{_g(b['a@b'])} / {_g(a['a@b'])} GFLOP/s | {_g(r['rate'])} GFLOP/s |")
-        L.append("\n(before / after the step cells)\n")
+        L.append("\n(before / after the step cells; each cell's floor uses the same square matmul timed inside its "
+                 "own interleaved rounds, column `matmul`, so it sees the same machine state as the steps)\n")
         impls = _impls(sp["cells"])
         for dn in dict.fromkeys(c["dtype"] for c in sp["cells"]):
             cells = [c for c in sp["cells"] if c["dtype"] == dn]
             L.append(f"### {dn}\n")
-            L.append("| px | tokens | GFLOP | floor | runs | " + " | ".join(impls) + " |")
-            L.append("|---|---|---|---|---|" + "---|" * len(impls))
+            L.append("| px | tokens | GFLOP | matmul | floor | runs | " + " | ".join(impls) + " |")
+            L.append("|---|---|---|---|---|---|" + "---|" * len(impls))
             for c in cells:
-                row = [str(c["px"]), str(c["tokens"]), f"{c['flops'] / 1e9:.0f}", fmt_s(c["floor_s"]),
-                       str(c["times"][OURS]["runs"])]
+                mm = c.get("matmul_in_rounds")
+                row = [str(c["px"]), str(c["tokens"]), f"{c['flops'] / 1e9:.0f}",
+                       f"{_g(mm['rate'])} GFLOP/s" if mm else "–", fmt_s(c["floor_s"]), str(c["times"][OURS]["runs"])]
                 for n in impls:
                     t = c["times"].get(n)
                     row.append("–" if t is None else f"{fmt_s(t['median_s'])} ({_pct(c['fraction_of_floor'][n])})")
                 L.append("| " + " | ".join(row) + " |")
             L.append("")
-            L.append("| px | " + " | ".join(f"{o} vs {p}" for o in (OURS, PATCHED) for p in impls
-                                           if not p.startswith("pixart_core")) + " |")
-            cols = [(o, p) for o in (OURS, PATCHED) for p in impls if not p.startswith("pixart_core")]
+            here = _impls(cells)
+            cols = [(o, p) for o in (OURS, PATCHED) if o in here for p in here if not p.startswith("pixart_core")]
+            L.append("| px | " + " | ".join(f"{o} vs {p}" for o, p in cols) + " |")
             L.append("|---|" + "---|" * len(cols))
             for c in cells:
                 row = [str(c["px"])]
@@ -245,10 +255,12 @@ def markdown(res) -> str:
             L.append("\n(speed-up = peer median ÷ ours, in brackets the same from the fastest run of each; >1 means "
                      "ours is faster. Other processes only ever add time, so the min-based ratio is the less noisy "
                      "one on a shared machine.)\n")
-            L.append("| px | " + " | ".join(_check_name(k) for k in cells[0]["checks"]) + " |")
-            L.append("|---|" + "---|" * len(cells[0]["checks"]))
+            keys = list(dict.fromkeys(k for c in cells for k in c["checks"]))
+            L.append("| px | " + " | ".join(_check_name(k) for k in keys) + " |")
+            L.append("|---|" + "---|" * len(keys))
             for c in cells:
-                L.append(f"| {c['px']} | " + " | ".join(f"{v:.1e}" for v in c["checks"].values()) + " |")
+                L.append(f"| {c['px']} | " + " | ".join(f"{c['checks'][k]:.1e}" if k in c["checks"] else "–"
+                                                       for k in keys) + " |")
             L.append("\n(relative L2 error of the outputs on the same inputs; ComfyUI returns ε only, compared on "
                      "those 4 channels)\n")
             if dn != "fp32" and "fp32" in rates:
