@@ -8,6 +8,7 @@ mapping (the reference's continuous one instead of snapping to integer timesteps
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -18,9 +19,11 @@ import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.model_sampling
+import comfy.ops
 import comfy.supported_models
 
 from ..pixart_core import KVCompress, PixArt, PixArtConfig, schedule
+from ..pixart_core.ops import gemm_dtype
 from ..pixart_core.loading import (CheckpointError, check_state_dict, config_from_preset, detect_config,
                                    read_checkpoint)
 
@@ -29,12 +32,28 @@ log = logging.getLogger(__name__)
 KV_OPTION = "pixart_kv_compress"  # transformer_options key read by ComfyPixArtDiT
 
 
+@functools.cache
+def with_readable_linears(operations):
+    """ComfyUI's plain op sets, with Linears that hand out their weights the way their own forward
+    casts them (device, dtype, LoRA weight functions under low-VRAM), so the model's folded
+    cross-attention can use them. Other sets (scaled fp8, quantized, cuBLAS) scale or quantize
+    inside forward: they stay as they are and the model calls those layers as black boxes."""
+    if operations not in (comfy.ops.disable_weight_init, comfy.ops.manual_cast):
+        return operations
+
+    class Linear(operations.Linear):
+        def params_for(self, like):
+            return comfy.ops.cast_bias_weight(self, like, dtype=gemm_dtype(like))
+
+    return type(operations.__name__, (operations,), {"Linear": Linear})
+
+
 class ComfyPixArtDiT(PixArt):
     """The DiT as ComfyUI calls it: config from unet_config, ε-only output, options per call."""
 
     def __init__(self, pixart_config=None, dtype=None, device=None, operations=None, **_unet_config):
-        super().__init__(PixArtConfig.from_dict(pixart_config), dtype=dtype, device=device, operations=operations,
-                         init_weights=False)
+        super().__init__(PixArtConfig.from_dict(pixart_config), dtype=dtype, device=device,
+                         operations=with_readable_linears(operations), init_weights=False)
         self.dtype = dtype  # ComfyUI reads the weight dtype from here
 
     def forward(self, x, timesteps, context, context_mask=None, c_size=None, c_ar=None, transformer_options={},

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import KV_COMPRESS_MODES, PixArtConfig
-from .ops import CastOps
+from .ops import CastOps, linear_params
 
 
 #################################################################################
@@ -58,6 +58,29 @@ def modulate(x, shift, scale):
 
 def layer_norm(x, eps=1e-6):
     return F.layer_norm(x, x.shape[-1:], eps=eps)
+
+
+def modulated_norm(x, shift, scale, shared=False):
+    """modulate(layer_norm(x), shift, scale); one fused pass when all samples share the modulation."""
+    if shared:
+        return F.layer_norm(x, x.shape[-1:], 1 + scale[0, 0], shift[0, 0], eps=1e-6)
+    return modulate(layer_norm(x), shift, scale)
+
+
+def add_gated(x, gate, linear, inp, shared=False):
+    """x + gate·linear(inp). Without autograd and with one gate for all samples (always so under CFG),
+    the gate is folded into the layer's weights and the GEMM accumulates straight into x, in place:
+    no temporary, no extra pass over the residual stream."""
+    params = linear_params(linear, inp) if shared and not torch.is_grad_enabled() else None
+    if params is None or params[0].dtype != x.dtype or not x.is_contiguous():
+        return torch.addcmul(x, gate, linear(inp))
+    w, b = params
+    g = gate[0, 0]  # (D,)
+    rows = x.view(-1, x.shape[-1])  # (B·N, D)
+    if b is not None:
+        rows.add_(b * g)
+    rows.addmm_(inp.reshape(-1, inp.shape[-1]), (w * g[:, None]).t())
+    return x
 
 
 #################################################################################
@@ -107,11 +130,13 @@ class Mlp(nn.Module):
         self.fc1 = operations.Linear(in_features, hidden_features, dtype=dtype, device=device)
         self.fc2 = operations.Linear(hidden_features, out_features, dtype=dtype, device=device)
 
-    def forward(self, x):
+    def hidden(self, x):
         h = self.fc1(x)
         # in place when no gradient is needed: saves allocating another 4·D-wide activation
-        h = F.gelu(h, approximate="tanh") if torch.is_grad_enabled() else torch.ops.aten.gelu_(h, approximate="tanh")
-        return self.fc2(h)
+        return F.gelu(h, approximate="tanh") if torch.is_grad_enabled() else torch.ops.aten.gelu_(h, approximate="tanh")
+
+    def forward(self, x):
+        return self.fc2(self.hidden(x))
 
 
 class CaptionEmbedder(nn.Module):
@@ -239,6 +264,10 @@ class SelfAttention(nn.Module):
         self.norm.bias.zero_()
 
     def forward(self, x, hw, kv: KVCompress | None = None):
+        return self.proj(self.attend(x, hw, kv))
+
+    def attend(self, x, hw, kv: KVCompress | None = None):
+        """The attention up to (not including) the output projection: (B, N, D) -> (B, N, D)."""
         B, N, D = x.shape
         heads, hd = self.num_heads, D // self.num_heads
         qkv = self.qkv(x)  # (B, N, 3D)
@@ -246,7 +275,7 @@ class SelfAttention(nn.Module):
             # one copy into head-major q, k, v: SDPA runs faster on contiguous heads than on strided views
             q, k, v = qkv.view(B, N, 3, heads, hd).permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # (B, heads, N, hd)
             out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, hd)
-            return self.proj(out.transpose(1, 2).reshape(B, N, D))
+            return out.transpose(1, 2).reshape(B, N, D)
         q, k, v = qkv.chunk(3, dim=-1)  # each (B, N, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -259,7 +288,7 @@ class SelfAttention(nn.Module):
         k = k.reshape(B, -1, heads, hd).transpose(1, 2)  # (B, heads, N', hd)
         v = v.reshape(B, -1, heads, hd).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, hd)
-        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+        return out.transpose(1, 2).reshape(B, N, D)
 
 
 class CrossAttention(nn.Module):
@@ -274,12 +303,41 @@ class CrossAttention(nn.Module):
         """x (B, N, D) image tokens attend to y (B, L, D) caption tokens; mask (B, 1, 1, L) bool or None."""
         B, N, D = x.shape
         heads, hd = self.num_heads, D // self.num_heads
-        q = self.q_linear(x).view(B, N, heads, hd).transpose(1, 2)  # (B, heads, N, hd)
         k, v = self.kv_linear(y).chunk(2, dim=-1)  # each (B, L, D)
         k = k.reshape(B, -1, heads, hd).transpose(1, 2)  # (B, heads, L, hd)
         v = v.reshape(B, -1, heads, hd).transpose(1, 2)
+        if k.shape[2] < hd:  # short captions (most prompts): measured break-even at L = hd
+            out = self.folded(x, k, v, mask)
+            if out is not None:
+                return out
+        q = self.q_linear(x).view(B, N, heads, hd).transpose(1, 2)  # (B, heads, N, hd)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, N, hd)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+    def folded(self, x, k, v, mask=None):
+        """The same attention with the query and output projections folded into the caption side:
+        per head, scores = x·(W_q,hᵀ·k_hᵀ) and out = Σ_h P_h·(v_h·W_o,hᵀ). Only the order of the sums
+        changes, and the two D×D GEMMs over every image token become D×(heads·L) ones, cheaper while
+        L < head_dim. None when the layers' weights cannot be read (unknown ops)."""
+        q_params, o_params = linear_params(self.q_linear, x), linear_params(self.proj, x)
+        if q_params is None or o_params is None:
+            return None
+        (wq, bq), (wo, bo) = q_params, o_params
+        B, N, D = x.shape
+        _, H, L, hd = k.shape
+        dtype = wq.dtype  # gemm dtype: fp32 for bf16 on CPUs without bf16 kernels
+        k, v = k.to(dtype) * hd ** -0.5, v.to(dtype)
+        a = torch.einsum("hed,bhle->bdhl", wq.view(H, hd, D), k).reshape(B, D, H * L)  # (B, D, H·L)
+        c = (torch.einsum("he,bhle->bhl", bq.view(H, hd), k) if bq is not None
+             else k.new_zeros(B, H, L))  # (B, H, L): the query bias's share of the scores
+        if mask is not None:
+            c = c.masked_fill(~mask.reshape(B, 1, L), float("-inf"))
+        scores = torch.baddbmm(c.reshape(B, 1, H * L), x.to(dtype), a)  # (B, N, H·L)
+        probs = scores.view(B, N, H, L).softmax(dim=-1).view(B, N, H * L)
+        vo = torch.einsum("bhle,dhe->bhld", v, wo.view(D, H, hd)).reshape(B, H * L, D)  # (B, H·L, D)
+        if bo is None:
+            return torch.bmm(probs, vo).to(x.dtype)  # (B, N, D)
+        return torch.baddbmm(bo.view(1, 1, D), probs, vo).to(x.dtype)  # (B, N, D)
 
 
 #################################################################################
@@ -297,19 +355,24 @@ class PixArtBlock(nn.Module):
         self.mlp = Mlp(D, config.mlp_hidden, D, dtype=dtype, device=device, operations=operations)
         self.scale_shift_table = nn.Parameter(torch.empty(6, D, dtype=dtype, device=device))
 
-    def forward(self, x, y, t0, mask, hw, kv=None, ff_chunk=None):
+    def forward(self, x, y, t0, mask, hw, kv=None, ff_chunk=None, shared=False):
+        """x (B, N, D) is updated in place when no gradient is needed. shared: all samples have the
+        same t0 (same timestep), which lets the modulation and gates fold into the neighbouring ops."""
         B, N, D = x.shape
         mod = self.scale_shift_table.to(x.dtype)[None] + t0.view(B, 6, D)  # (B, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)  # each (B, 1, D)
-        x = torch.addcmul(x, gate_msa, self.attn(modulate(layer_norm(x), shift_msa, scale_msa), hw, kv))
-        x = x + self.cross_attn(x, y, mask)
+        h = self.attn.attend(modulated_norm(x, shift_msa, scale_msa, shared), hw, kv)  # (B, N, D), before proj
+        x = add_gated(x, gate_msa, self.attn.proj, h, shared)
+        cross = self.cross_attn(x, y, mask)  # (B, N, D)
+        x = x + cross if torch.is_grad_enabled() else x.add_(cross)
         if not ff_chunk or N <= ff_chunk:
-            return torch.addcmul(x, gate_mlp, self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp)))
+            return add_gated(x, gate_mlp, self.mlp.fc2, self.mlp.hidden(modulated_norm(x, shift_mlp, scale_mlp, shared)),
+                             shared)
         # Token-chunked MLP: the 4·D-wide hidden activation is the largest tensor at 4K.
         out = torch.empty_like(x)
         for s in range(0, N, ff_chunk):
             xs = x[:, s:s + ff_chunk]
-            out[:, s:s + ff_chunk] = torch.addcmul(xs, gate_mlp, self.mlp(modulate(layer_norm(xs), shift_mlp, scale_mlp)))
+            out[:, s:s + ff_chunk] = torch.addcmul(xs, gate_mlp, self.mlp(modulated_norm(xs, shift_mlp, scale_mlp, shared)))
         return out
 
 
@@ -471,7 +534,8 @@ class PixArt(nn.Module):
         y = self.y_embedder(context)  # (B, L, D)
 
         kv = kv_compress if kv_compress is not None else self.kv_compress
+        shared = B == 1 or bool((t0 == t0[:1]).all())  # one timestep for the batch (always under CFG)
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens, y, t0, mask, (h, w), kv.for_layer(i), self.ff_chunk)  # (B, N, D)
+            tokens = block(tokens, y, t0, mask, (h, w), kv.for_layer(i), self.ff_chunk, shared)  # (B, N, D)
         tokens = self.final_layer(tokens, t)  # (B, N, p·p·C_out)
         return self.unpatchify(tokens, h, w)

@@ -32,19 +32,37 @@ def cpu_has_native_gemm(dtype) -> bool:
         return True  # unknown build: leave PyTorch's choice alone
 
 
+def gemm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype to multiply `x` in: its own, except bf16/fp16 on a CPU without native kernels, where
+    fp32 is exact for the inputs (the low-precision CPU GEMMs accumulate in fp32 too: only the
+    summation order changes) and 5-10x faster."""
+    if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and not cpu_has_native_gemm(x.dtype):
+        return torch.float32
+    return x.dtype
+
+
+def linear_params(layer: nn.Module, like: torch.Tensor):
+    """(weight, bias) of a Linear exactly as its own forward would use them on `like`, in
+    `gemm_dtype(like)`; None when the layer type does not say (callers then treat it as a black box)."""
+    params_for = getattr(layer, "params_for", None)
+    return None if params_for is None else params_for(like)
+
+
 class CastOps:
     class Linear(nn.Linear):
+        def params_for(self, like):
+            dtype = gemm_dtype(like)
+            w = self.weight.to(device=like.device, dtype=dtype)
+            return w, None if self.bias is None else self.bias.to(device=like.device, dtype=dtype)
+
         def forward(self, x):
-            if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and not cpu_has_native_gemm(x.dtype):
-                # bf16/fp16 -> fp32 is exact and the low-precision CPU GEMMs accumulate in fp32 too:
-                # only the summation order changes, at fp32 speed
-                return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float()).to(x.dtype)
+            if gemm_dtype(x) != x.dtype:
+                return F.linear(x.to(gemm_dtype(x)), *self.params_for(x)).to(x.dtype)
             return F.linear(x, _cast(self.weight, x), _cast(self.bias, x))
 
     class Conv2d(nn.Conv2d):
         def forward(self, x):
-            if (self.groups == 1 and x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu"
-                    and not cpu_has_native_gemm(x.dtype)):
+            if self.groups == 1 and gemm_dtype(x) != x.dtype:
                 # as Linear: without native kernels PyTorch runs a dense bf16 convolution as a slow im2col
                 # GEMM (the patch embedding: 0.29 s -> 0.05 s at 1024 px); depthwise ones are fine as they are
                 w, b = self.weight.float(), None if self.bias is None else self.bias.float()

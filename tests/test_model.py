@@ -241,3 +241,82 @@ def test_fp8_weights_upcast_at_compute():
         out = model(x, t, y, mask)
     assert model.blocks[0].mlp.fc1.weight.dtype == torch.float8_e4m3fn
     assert out.dtype == torch.float32 and rel_err(out, ref) < 0.15
+
+
+def _standard_cross_attention(ca, x, k, v, mask):
+    B, N, D = x.shape
+    q = ca.q_linear(x).view(B, N, ca.num_heads, -1).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return ca.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+@pytest.mark.parametrize("length,masked", [(1, False), (5, True), (15, False), (15, True)])
+def test_folded_cross_attention_equals_standard(length, masked):
+    from pixart_core.model import CrossAttention
+    torch.manual_seed(0)
+    ca = CrossAttention(64, 4).eval()  # head_dim 16
+    for p in ca.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x, y = torch.randn(2, 40, 64), torch.randn(2, length, 64)
+    mask = None
+    if masked:
+        mask = torch.ones(2, 1, 1, length, dtype=torch.bool)
+        mask[1, ..., length // 2 + 1:] = False
+    with torch.no_grad():
+        k, v = ca.kv_linear(y).chunk(2, dim=-1)
+        k, v = (t.reshape(2, length, 4, 16).transpose(1, 2) for t in (k, v))
+        ref = _standard_cross_attention(ca, x, k, v, mask)
+        folded = ca.folded(x, k, v, mask)
+        through_forward = ca(x, y, mask)
+    assert rel_err(folded, ref) < 1e-6
+    assert torch.equal(through_forward, folded)  # L < head_dim: forward takes the folded path
+
+
+def test_cross_attention_folds_only_short_captions_and_only_readable_layers():
+    from pixart_core.model import CrossAttention
+
+    class PlainOps:  # layers that do not hand out their weights (as an unknown ops set)
+        Linear = torch.nn.Linear
+
+    calls = []
+    x = torch.randn(1, 8, 64)
+    for ops, length, folds in [(None, 15, True), (None, 16, False), (PlainOps, 4, False)]:
+        ca = CrossAttention(64, 4, **({} if ops is None else {"operations": ops})).eval()
+        handle = ca.q_linear.register_forward_hook(lambda *a: calls.append(1))
+        with torch.no_grad():
+            out = ca(x, torch.randn(1, length, 64))
+        handle.remove()
+        assert out.shape == (1, 8, 64)
+        assert (len(calls) == 0) == folds, (ops, length)
+        calls.clear()
+
+
+def test_folded_cross_attention_in_bf16_tracks_fp32():
+    from pixart_core.model import CrossAttention
+    torch.manual_seed(0)
+    ca = CrossAttention(64, 4).eval()
+    x, y = torch.randn(2, 40, 64), torch.randn(2, 6, 64)
+    with torch.no_grad():
+        ref = ca(x, y)
+        low = ca.to(torch.bfloat16)(x.bfloat16(), y.bfloat16())
+    assert low.dtype == torch.bfloat16
+    assert rel_err(low, ref) < 1e-2
+
+
+@pytest.mark.parametrize("chunk", [None, 40])
+def test_shared_timestep_fast_path_matches_diffusers_and_autograd_path(chunk):
+    """Under CFG every sample has the same timestep: the modulation is fused into the norms and the
+    gates into the output GEMMs, accumulating in place. Same function as the general path."""
+    model = random_model().eval()
+    model.ff_chunk = chunk
+    x, _, y, mask = inputs(model.config, height=16, width=16)
+    t = torch.tensor([321.0, 321.0])
+    with torch.no_grad():
+        fast = model(x, t, y, mask)
+        general = model(x, torch.tensor([321.0, 321.0 + 1e-3]), y, mask)  # not shared: the plain path
+    with torch.enable_grad():
+        autograd = model(x, t, y, mask)  # no in-place updates under autograd
+    ref = run_diffusers(diffusers_twin(model), x, t, y, mask)
+    assert rel_err(fast, ref) <= 1e-5
+    assert rel_err(autograd.detach(), fast) <= 1e-6
+    assert rel_err(general, fast) < 1e-3 and not torch.equal(general, fast)

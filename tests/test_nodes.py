@@ -166,6 +166,38 @@ def test_loader_model_reproduces_pixart_core(env):
             assert pf.rel_err(got, want) < 1e-6
 
 
+def test_comfy_linears_hand_out_the_weights_their_forward_uses(env):
+    """The folded cross-attention reads q/proj weights through `params_for`: with ComfyUI's plain ops
+    that must be what the layer's own forward multiplies by (here with a low-VRAM LoRA-style weight
+    function in place); op sets that scale inside forward are left alone (black boxes)."""
+    import comfy.ops
+    from pixart_core.model import CrossAttention
+    wrap = env.pack.nodes.comfy_model.with_readable_linears
+    lin = env.model.model.diffusion_model.blocks[0].cross_attn.q_linear
+    assert isinstance(lin, comfy.ops.disable_weight_init.Linear)
+    x = torch.randn(3, lin.in_features)
+    lin.weight_function.append(lambda w: w + 1)
+    try:
+        w, b = lin.params_for(x)
+        assert torch.equal(w, lin.weight + 1)
+        assert torch.allclose(torch.nn.functional.linear(x, w, b), lin(x), atol=1e-6)
+    finally:
+        lin.weight_function.clear()
+    assert hasattr(wrap(comfy.ops.manual_cast).Linear, "params_for")
+    scaled = comfy.ops.scaled_fp8_ops()
+    assert wrap(scaled) is scaled and not hasattr(scaled.Linear, "params_for")
+    ca = CrossAttention(64, 4, operations=wrap(comfy.ops.manual_cast)).eval()
+    for p in ca.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    y, x = torch.randn(2, 5, 64), torch.randn(2, 12, 64)
+    with torch.no_grad():
+        k, v = (t.reshape(2, 5, 4, 16).transpose(1, 2) for t in ca.kv_linear(y).chunk(2, dim=-1))
+        folded = ca.folded(x, k, v)
+        q = ca.q_linear(x).view(2, 12, 4, 16).transpose(1, 2)
+        ref = ca.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 12, 64))
+    assert pf.rel_err(folded, ref) < 1e-6
+
+
 def test_loader_errors_are_one_sentence(env):
     with pytest.raises(ValueError, match="Stable Diffusion") as err:
         env.n.PixArtSuiteModelLoader.execute("sd15_like.safetensors", "auto", "default", "checkpoint", "avgpool")
