@@ -166,6 +166,20 @@ def summarize(samples: list[Sample]) -> dict:
 
 # ----------------------------------------------------------------------------------- matmul rate
 
+def matmul_case(dtype, device, layout: str = "a@b.T", n: int | None = None):
+    """(zero-argument callable, FLOPs, n) of one square matmul in `dtype`. Timed on its own by
+    matmul_rate, and inside each speed cell's interleaved rounds so the floor sees the same machine
+    state (frequency, other load) as the steps."""
+    dev = torch.device(device)
+    if n is None:
+        n = 4096 if (dev.type == "cuda" or dtype == torch.float32) else 2048
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device=dev, dtype=dtype)
+    b = torch.randn(n, n, generator=g).to(device=dev, dtype=dtype)
+    fn = (lambda: F.linear(a, b)) if layout == "a@b.T" else (lambda: a @ b)
+    return fn, 2 * n ** 3, n
+
+
 def matmul_rate(dtype, device, n: int | None = None, reps: int = 3) -> dict:
     """FLOP/s of a large square matmul in `dtype`, in both operand layouts.
 
@@ -175,40 +189,18 @@ def matmul_rate(dtype, device, n: int | None = None, reps: int = 3) -> dict:
     the rate the floor uses.
     """
     dev = torch.device(device)
-    if n is None:
-        n = 4096 if (dev.type == "cuda" or dtype == torch.float32) else 2048
-    g = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(device=dev, dtype=dtype)
-    b = torch.randn(n, n, generator=g).to(device=dev, dtype=dtype)
-    flop = 2 * n ** 3
-    out = {"n": n}
+    out = {}
     with torch.inference_mode():
-        for name, fn in (("a@b.T", lambda: F.linear(a, b)), ("a@b", lambda: a @ b)):
-            if name == "a@b" and dev.type == "cpu" and dtype != torch.float32 and not native_bf16_matmul():
-                # PyTorch's scalar fallback for this layout runs at ~1 GFLOP/s here: time a smaller one
-                m = 512
-                fn = (lambda x=a[:m, :m].contiguous(), y=b[:m, :m].contiguous(): x @ y)
-                f = 2 * m ** 3
-            else:
-                f = flop
+        for layout in ("a@b.T", "a@b"):
+            # PyTorch's scalar fallback for a@b in bf16 runs at ~1 GFLOP/s here: time a smaller one
+            slow = layout == "a@b" and dev.type == "cpu" and dtype != torch.float32 and not native_bf16_matmul()
+            fn, flop, size = matmul_case(dtype, dev, layout, 512 if slow else n)
+            out.setdefault("n", size)
             timed(fn, dev)  # warm-up
             walls = [timed(fn, dev)[0].wall for _ in range(reps)]
-            out[name] = f / statistics.median(walls)
+            out[layout] = flop / statistics.median(walls)
     out["rate"] = max(out["a@b.T"], out["a@b"])
     return out
-
-
-def matmul_case(dtype, device, layout: str = "a@b.T", n: int | None = None):
-    """(zero-argument callable, FLOPs) of one square matmul, to time inside the interleaved rounds so
-    the floor sees the same machine state (frequency, other load) as the steps."""
-    dev = torch.device(device)
-    if n is None:
-        n = 4096 if (dev.type == "cuda" or dtype == torch.float32) else 2048
-    g = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(device=dev, dtype=dtype)
-    b = torch.randn(n, n, generator=g).to(device=dev, dtype=dtype)
-    fn = (lambda: F.linear(a, b)) if layout == "a@b.T" else (lambda: a @ b)
-    return fn, 2 * n ** 3
 
 
 def fmt_s(s: float | None) -> str:

@@ -61,7 +61,7 @@ def run(plan: dict, device, log=print) -> dict:
             log(f"  step {px} px {dname} (depth {depth}): {', '.join(names)}   load {load_average()}")
             fns = peers.calls({n: models[n] for n in names}, px, dtype, device)
             layout = "a@b.T" if rate["a@b.T"] >= rate["a@b"] else "a@b"
-            fns[MATMUL], mm_flops = matmul_case(dtype, device, layout)  # the floor's rate, in the same rounds
+            fns[MATMUL], mm_flops, _ = matmul_case(dtype, device, layout)  # the floor's rate, in the same rounds
             outs = {}
 
             def keep(name, out):
