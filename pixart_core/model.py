@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import KV_COMPRESS_MODES, PixArtConfig
-from .ops import CastOps, linear_params
+from .ops import CastOps, gemm_dtype, linear_params
 
 
 #################################################################################
@@ -306,7 +306,7 @@ class CrossAttention(nn.Module):
         k, v = self.kv_linear(y).chunk(2, dim=-1)  # each (B, L, D)
         k = k.reshape(B, -1, heads, hd).transpose(1, 2)  # (B, heads, L, hd)
         v = v.reshape(B, -1, heads, hd).transpose(1, 2)
-        if k.shape[2] < hd:  # short captions (most prompts): measured break-even at L = hd
+        if k.shape[2] < hd and gemm_dtype(x) == torch.float32:  # short captions (most prompts)
             out = self.folded(x, k, v, mask)
             if out is not None:
                 return out
@@ -318,14 +318,17 @@ class CrossAttention(nn.Module):
         """The same attention with the query and output projections folded into the caption side:
         per head, scores = x·(W_q,hᵀ·k_hᵀ) and out = Σ_h P_h·(v_h·W_o,hᵀ). Only the order of the sums
         changes, and the two D×D GEMMs over every image token become D×(heads·L) ones, cheaper while
-        L < head_dim. None when the layers' weights cannot be read (unknown ops)."""
+        L < head_dim (measured break-even at L = head_dim). Used only where the GEMMs run in fp32:
+        the scores come out of a GEMM here, and rounding them to bf16/fp16 would cost more accuracy
+        than flash attention does (it keeps them in fp32). None when the layers' weights cannot be
+        read (unknown ops)."""
         q_params, o_params = linear_params(self.q_linear, x), linear_params(self.proj, x)
         if q_params is None or o_params is None:
             return None
         (wq, bq), (wo, bo) = q_params, o_params
         B, N, D = x.shape
         _, H, L, hd = k.shape
-        dtype = wq.dtype  # gemm dtype: fp32 for bf16 on CPUs without bf16 kernels
+        dtype = wq.dtype  # fp32, also for bf16/fp16 inputs on CPUs without their kernels
         k, v = k.to(dtype) * hd ** -0.5, v.to(dtype)
         a = torch.einsum("hed,bhle->bdhl", wq.view(H, hd, D), k).reshape(B, D, H * L)  # (B, D, H·L)
         c = (torch.einsum("he,bhle->bhl", bq.view(H, hd), k) if bq is not None

@@ -320,3 +320,20 @@ def test_shared_timestep_fast_path_matches_diffusers_and_autograd_path(chunk):
     assert rel_err(fast, ref) <= 1e-5
     assert rel_err(autograd.detach(), fast) <= 1e-6
     assert rel_err(general, fast) < 1e-3 and not torch.equal(general, fast)
+
+
+def test_cross_attention_does_not_fold_where_gemms_run_in_low_precision(monkeypatch):
+    """Folded scores come out of a GEMM: in bf16 they would be rounded, so with native bf16 kernels
+    (a GPU, an AVX512-BF16 CPU) the standard path runs; without them bf16 multiplies in fp32 and folds."""
+    import pixart_core.ops
+    from pixart_core.model import CrossAttention
+    ca = CrossAttention(64, 4).eval().to(torch.bfloat16)
+    x, y = torch.randn(1, 8, 64, dtype=torch.bfloat16), torch.randn(1, 4, 64, dtype=torch.bfloat16)
+    calls = []
+    ca.q_linear.register_forward_hook(lambda *a: calls.append(1))
+    for native, folds in [(False, True), (True, False)]:
+        monkeypatch.setattr(pixart_core.ops, "cpu_has_native_gemm", lambda dtype, native=native: native)
+        calls.clear()
+        with torch.no_grad():
+            ca(x, y)
+        assert (not calls) == folds, native
