@@ -191,11 +191,15 @@ def spawn(args: list[str], threads: int, device: str, timeout=3600) -> dict:
 
 def run(plan: dict, device, threads: int, log=print) -> dict:
     """plan: dtype, cases: [(px, kv, run_blocks, patched[, dtype])], t5: [dict(layers, d_model, d_ff)], validate: px|None."""
+    from benchmarks import proposed
     out = {"dtype": plan["dtype"], "cases": [], "t5": [], "validation": None}
     dev = str(device)
     for case in plan["cases"]:
         px, kvmode, run_blocks, patched = case[:4]
         dtype = case[4] if len(case) > 4 else plan["dtype"]
+        if patched and not proposed.available():
+            log(f"  memory {px} px, compression {kvmode}, {dtype} (patched): skipped, no proposed_model.patch applies")
+            continue
         log(f"  memory {px} px, compression {kvmode}, {dtype}{' (patched)' if patched else ''}: "
             f"28 blocks resident, {run_blocks} run")
         args = ["denoiser", "--px", str(px), "--kv", kvmode, "--run-blocks", str(run_blocks), "--dtype", dtype]
