@@ -56,9 +56,7 @@ class CastOps:
             return w, None if self.bias is None else self.bias.to(device=like.device, dtype=dtype)
 
         def forward(self, x):
-            if gemm_dtype(x) != x.dtype:
-                return F.linear(x.to(gemm_dtype(x)), *self.params_for(x)).to(x.dtype)
-            return F.linear(x, _cast(self.weight, x), _cast(self.bias, x))
+            return F.linear(x.to(gemm_dtype(x)), *self.params_for(x)).to(x.dtype)
 
     class Conv2d(nn.Conv2d):
         def forward(self, x):
