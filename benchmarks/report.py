@@ -119,7 +119,6 @@ def _speed_rows(res, c, label, peers) -> list[dict]:
 def targets(res) -> list[dict]:
     rows = []
     sp = res.get("speed") or {}
-    rates = sp.get("rates", {})
     for c in sp.get("cells", []):
         if c["px"] not in (1024, 2048):
             continue

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import gc
 
-import torch
 
 from . import flops, peers, proposed
 from .common import DTYPES, interleaved, load_average, matmul_case, matmul_rate

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import logging
 
-import torch
 
 import comfy.conds
 import comfy.latent_formats
