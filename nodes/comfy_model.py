@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import logging
 
-
 import comfy.conds
 import comfy.latent_formats
 import comfy.model_base
