@@ -7,6 +7,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .kv_compression import PixArtSuiteKVCompression
 from .loaders import PixArtSuiteModelLoader, PixArtSuiteT5Loader
+from .lora import PixArtSuiteLoraLoader
 from .resolution import PixArtSuiteResizeCrop, PixArtSuiteResolution
 from .sampling import PixArtSuiteSampler, PixArtSuiteSamplerSelect, PixArtSuiteSigmas
 from .text_encoder import PixArtSuiteT5TextEncode
@@ -21,6 +22,7 @@ NODES: list[type[io.ComfyNode]] = [
     PixArtSuiteResolution,
     PixArtSuiteResizeCrop,
     PixArtSuiteKVCompression,
+    PixArtSuiteLoraLoader,
 ]
 
 

@@ -21,6 +21,16 @@ def _convert(args):
     print(f"wrote {out}")
 
 
+def _lora(args):
+    from .lora import describe, read_lora, save_converted
+    lora = read_lora(args.lora)
+    if args.lora_command == "inspect":
+        print(describe(lora))
+    else:
+        print(f"wrote {save_converted(lora, args.output)}: {len(lora.sources)} modules in diffusers/PEFT names "
+              f"with alpha ({', '.join(lora.formats)}; {len(lora.unmatched)} keys not used)")
+
+
 def _load_t5(args):
     from .t5 import load_t5
     return load_t5(args.t5, dtype=args.t5_dtype, device=args.device, tokenizer_path=args.tokenizer)
@@ -74,6 +84,16 @@ def main(argv=None) -> int:
     p.add_argument("--layout", choices=["official", "diffusers"], default="official",
                    help="key layout of a .safetensors output (folders are always diffusers)")
     p.set_defaults(run=_convert)
+
+    p = sub.add_parser("lora", help="inspect a PixArt LoRA/LyCORIS of any trainer, or convert it to diffusers/PEFT names")
+    lora_sub = p.add_subparsers(dest="lora_command", required=True)
+    q = lora_sub.add_parser("inspect", help="print the format, modules, ranks, alpha and keys not used")
+    q.add_argument("lora")
+    q.set_defaults(run=_lora)
+    q = lora_sub.add_parser("convert", help="rewrite to transformer.<diffusers name>/text_encoder.<T5 name> with alpha")
+    q.add_argument("lora")
+    q.add_argument("output", help="x.safetensors")
+    q.set_defaults(run=_lora)
 
     def t5_args(p):
         p.add_argument("--t5", required=True, help="T5 encoder: HF folder or single .safetensors")
