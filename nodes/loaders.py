@@ -24,6 +24,15 @@ KV_CHOICES = ("checkpoint", "off", "deep layers 14-27", "all layers")
 KV_MODES = ("avgpool", "conv", "ave", "uniform")
 T5_DTYPES = ("default", "fp32", "bf16", "fp16")
 T5_DEVICES = ("auto", "cpu", "gpu")
+T5_GGUF = "pixart_t5_gguf"  # the text_encoders folders, listing their .gguf files (stock loaders do not see them)
+
+
+def _register_gguf_folder():
+    paths, _ = folder_paths.folder_names_and_paths["text_encoders"]
+    folder_paths.folder_names_and_paths.setdefault(T5_GGUF, (paths, {".gguf"}))  # same path list: stays in sync
+
+
+_register_gguf_folder()
 
 
 # -------------------------------------------------------------------------------------------------
@@ -106,7 +115,7 @@ def t5_choices() -> list[str]:
     """Files in text_encoders (not those inside a listed model folder), then T5 folders."""
     folders = _t5_folders()
     inside = tuple(n + "/" for n, _ in folders)
-    files = [f for f in _files("text_encoders") if not f.replace(os.sep, "/").startswith(inside)]
+    files = [f for f in _files("text_encoders", T5_GGUF) if not f.replace(os.sep, "/").startswith(inside)]
     return (files + [FOLDER_PREFIX + n for n, _ in folders]
             + [DIFFUSERS_PREFIX + n for n, _ in _t5_diffusers_folders()])
 
@@ -211,7 +220,8 @@ class PixArtSuiteT5Loader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("t5_name", options=t5_choices(),
                                tooltip="T5 weights: a .safetensors file in models/text_encoders (fp16, bf16, fp8 and "
-                                       f"ComfyUI's scaled fp8 work), a Hugging Face T5 folder ('{FOLDER_PREFIX}name'), "
+                                       "ComfyUI's scaled fp8 work), a T5 .gguf (Q8_0, Q5_K_M, Q4_K_M ...: stays "
+                                       f"quantized in memory; needs pip install gguf), a Hugging Face T5 folder ('{FOLDER_PREFIX}name'), "
                                        f"or a diffusers PixArt pipeline folder ('{DIFFUSERS_PREFIX}name')."),
                 io.Combo.Input("dtype", options=list(T5_DTYPES), default="default",
                                tooltip="Compute precision. default: bf16 (fp16 on GPUs without bf16), half the memory "
@@ -230,7 +240,7 @@ class PixArtSuiteT5Loader(io.ComfyNode):
             raise ValueError(f"dtype {dtype!r} is not one of {', '.join(T5_DTYPES)}")
         if device not in T5_DEVICES:
             raise ValueError(f"device {device!r} is not one of {', '.join(T5_DEVICES)}")
-        path = _resolve(t5_name, "t5_name", ("text_encoders",),
+        path = _resolve(t5_name, "t5_name", ("text_encoders", T5_GGUF),
                         {FOLDER_PREFIX: _t5_folders, DIFFUSERS_PREFIX: _t5_diffusers_folders})
         log.info("PixArt: loading T5 from %s", path)
         return io.NodeOutput(load_t5_clip(path, dtype, device))

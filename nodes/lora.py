@@ -68,7 +68,9 @@ def _patches(lora, component: str, targets: dict, patcher, prefix: str):
         full = f"{component}.{module}"
         key = prefix + target.key
         if key not in state:
-            refused[full] = f"this model has no {target.key}"
+            quantized = key[: -len("weight")] + "qweight" in state
+            refused[full] = ("GGUF-quantized T5 weights cannot take a LoRA; load a .safetensors T5 for T5 LoRAs"
+                             if quantized else f"this model has no {target.key}")
             continue
         if not _leaf_parameter(patcher.model, key):
             refused[full] = (f"ComfyUI patches only weights of leaf layers and {target.key} is not one, "

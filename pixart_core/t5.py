@@ -6,6 +6,8 @@ T5-XXL take the same path):
 - a Hugging Face folder: model.safetensors, sharded model-*.safetensors with
   model.safetensors.index.json, or pytorch_model*.bin (with or without index);
 - a diffusers pipeline root holding text_encoder/ and tokenizer/;
+- a T5 GGUF file as llama.cpp / ComfyUI-GGUF users have it (t5-v1_1-xxl-encoder-Q8_0.gguf, Q5_K_M,
+  Q4_K_M, F16, ...; see gguf.py): quantized weights stay quantized in memory, dequantized per layer;
 - a single .safetensors file as ComfyUI keeps in models/text_encoders: fp16/bf16/fp32, plain fp8
   (e4m3fn/e5m2), or ComfyUI's scaled fp8 (a `scaled_fp8` marker tensor plus a float32
   `<layer>.scale_weight` per quantised Linear; `<layer>.scale_input` is ignored). The newer
@@ -342,6 +344,11 @@ class _Weights:
         reader, _ = self._where[key]
         return tuple(reader.shape(key))
 
+    def quantized(self, key):
+        """The stored quantized form of a GGUF tensor (kept so in memory), or None."""
+        reader, _ = self._where[key]
+        return reader.quantized(key) if hasattr(reader, "quantized") else None
+
     def get(self, key) -> torch.Tensor:
         reader, file = self._where[key]
         try:
@@ -356,11 +363,17 @@ class _Weights:
 
 
 def _open_weight_file(file: Path):
+    if file.suffix == ".gguf":
+        from .gguf import GGUFError, GGUFReader
+        try:
+            return GGUFReader(file)
+        except GGUFError as e:
+            raise T5LoadError(str(e)) from None
     if file.suffix in (".safetensors", ".sft"):
         return _SafetensorsReader(file)
     if file.suffix in (".bin", ".pt", ".pth"):
         return _TorchReader(file)
-    raise T5LoadError(f"{file} has an unsupported extension; use a .safetensors file or a Hugging Face folder")
+    raise T5LoadError(f"{file} has an unsupported extension; use a .safetensors or .gguf file or a Hugging Face folder")
 
 
 class _SafetensorsReader:
@@ -511,21 +524,31 @@ def _build_model(source, prefix, config, dtype, device):
         state, stored = {}, set()
         for name, want_shape in expected.items():
             key = file_keys[name]
-            tensor = weights.get(key)
-            if tuple(tensor.shape) != tuple(want_shape):
-                raise T5LoadError(f"{source.display}: {key} has shape {tuple(tensor.shape)}, expected "
+            if tuple(weights.shape(key)) != tuple(want_shape):
+                raise T5LoadError(f"{source.display}: {key} has shape {tuple(weights.shape(key))}, expected "
                                   f"{tuple(want_shape)}; the file is corrupt or mixes models")
+            target = _param_dtype(name, dtype)
+            quantized = weights.quantized(key) if _keeps_quantized(name) else None
+            if quantized is not None:  # a GGUF Linear/Embedding: kept as stored, dequantized when used
+                stored.add(quantized.qtype)
+                _swap_in_quantized(model, name, quantized, target, device)
+                continue
+            tensor = weights.get(key)
             stored.add(str(tensor.dtype).replace("torch.", ""))
             tensor = _dequantise(tensor, weights, key)
-            target = _param_dtype(name, dtype)
             state[name] = tensor.to(dtype=target).to(device)
             del tensor
     finally:
         weights.close()
 
-    state["encoder.embed_tokens.weight"] = state["shared.weight"]
+    if "shared.weight" in state:
+        state["encoder.embed_tokens.weight"] = state["shared.weight"]
+    else:
+        model.encoder.embed_tokens = model.shared  # quantized: the same module, tied as in from_pretrained
+    state.update({k: v for k, v in model.state_dict().items() if k.endswith(".qweight")})
     model.load_state_dict(state, strict=True, assign=True)
-    model.set_input_embeddings(model.shared)  # one embedding table, as in a from_pretrained model
+    if isinstance(model.shared, torch.nn.Embedding):
+        model.set_input_embeddings(model.shared)  # one embedding table, as in a from_pretrained model
     model.eval().requires_grad_(False)
     log.info("Loaded T5 encoder from %s: d_model %d, %d layers, %d heads, vocab %d; stored %s, computing in %s on %s%s",
              source.display, config.d_model, config.num_layers, config.num_heads, config.vocab_size,
@@ -560,6 +583,21 @@ def _dequantise(tensor, weights, key):
                 scale = weights.get(base + suffix).to(torch.float32)
                 return tensor.to(torch.float32) * scale
     return tensor
+
+
+def _keeps_quantized(name) -> bool:
+    """Linear weights and the token embedding; norms and the position-bias table are small, kept dense."""
+    return name == "shared.weight" or (name.endswith(".weight") and not name.endswith(
+        ("layer_norm.weight", "relative_attention_bias.weight")))
+
+
+def _swap_in_quantized(model, name, quantized, dtype, device):
+    from .gguf import QuantizedEmbedding, QuantizedLinear
+    quantized.raw = quantized.raw.to(device)
+    parent_name, _, child = name[: -len(".weight")].rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    cls = QuantizedEmbedding if name == "shared.weight" else QuantizedLinear
+    setattr(parent, child, cls(quantized, dtype))
 
 
 def _param_dtype(name, dtype):
