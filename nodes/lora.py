@@ -22,7 +22,7 @@ from .common import CATEGORY, require_pixart, show_text
 
 log = logging.getLogger("PixArt-Σ")
 
-_T5_ANCHOR = "encoder.block.0.layer.0.SelfAttention.q.weight"
+_T5_ANCHOR = "encoder.block.0.layer.0.layer_norm.weight"  # dense in every T5, GGUF ones too
 _SHOWN = 8  # unapplied keys listed on the node; the log has all of them
 _cache: dict = {}  # path -> ((mtime, size), LoraFile): the last file read, as stock LoraLoader keeps it
 
