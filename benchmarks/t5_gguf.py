@@ -5,7 +5,7 @@
 Weights are synthesised at T5 v1.1 XXL's real width (d_model 4096, d_ff 10240, 64 heads, vocab
 32128). A 24-layer XXL does not fit this 2-core machine's time budget, so each file type is
 measured with 1 and 2 layers (each in a fresh process) and the full depth is extrapolated:
-time(24) = t(1) + 23·(t(2) - t(1)), resident weights(24) = embedding + 24 layers (exact tensor
+time(24) = 12·t(2) (the embedding lookup is negligible), resident weights(24) = embedding + 24 layers (exact tensor
 bytes), peak RSS(24) = peak(1) + 23·(peak(2) - peak(1)). Compute is bf16 (ComfyUI's CPU default).
 Q4_K here quantizes every matrix as Q4_K; real Q4_K_M files also hold some Q6_K tensors.
 """
@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,20 +58,29 @@ def _measure(path: str) -> dict:
     t5 = load_t5(path, dtype="bf16")
     load_s = time.perf_counter() - t0
     ids, mask, _ = t5.tokenize([PROMPT_WORDS], 300)
-    t0 = time.perf_counter()
-    t5.encode([PROMPT_WORDS], 300)
-    encode_s = time.perf_counter() - t0
+    times = []
+    for _ in range(4):  # the first is a warm-up; _run skips the prompt cache
+        t0 = time.perf_counter()
+        t5._run([PROMPT_WORDS], 300)
+        times.append(time.perf_counter() - t0)
     tensors = list(t5.model.parameters()) + list(t5.model.buffers())
     resident = sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
-    return {"load_s": load_s, "encode_s": encode_s, "tokens": int(mask.sum()), "resident_bytes": resident,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "file_bytes": Path(path).stat().st_size}
+    return {"load_s": load_s, "encode_s": statistics.median(times[1:]), "tokens": int(mask.sum()),
+            "resident_bytes": resident, "peak_rss_bytes": _peak_rss(), "file_bytes": Path(path).stat().st_size}
 
 
-def run() -> dict:
+def _peak_rss() -> int:
+    """This process's peak resident memory (VmHWM; ru_maxrss would carry the parent's peak across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run(cases=CASES) -> dict:
     out = {}
     with tempfile.TemporaryDirectory(prefix="t5_gguf_bench_") as tmp:
-        for case in CASES:
+        for case in cases:
             rows = {}
             for layers in (1, 2):
                 path = _write(case, layers, Path(tmp))
@@ -79,16 +89,25 @@ def run() -> dict:
                 rows[layers] = json.loads(res.stdout.strip().splitlines()[-1])
                 path.unlink()
                 print(case, layers, rows[layers], flush=True)
-            one, two = rows[1], rows[2]
-            per_layer = two["resident_bytes"] - one["resident_bytes"]
-            out[case] = {"measured": rows, "tokens": one["tokens"],
-                         "per_layer_encode_s": two["encode_s"] - one["encode_s"],
-                         "encode_s_24": one["encode_s"] + 23 * (two["encode_s"] - one["encode_s"]),
-                         "resident_gib_24": (one["resident_bytes"] + 23 * per_layer) / 2 ** 30,
-                         "peak_rss_gib_24": (one["peak_rss_bytes"] + 23 * (two["peak_rss_bytes"] - one["peak_rss_bytes"]))
-                         / 2 ** 30,
-                         "file_gib_24": (one["file_bytes"] + 23 * (two["file_bytes"] - one["file_bytes"])) / 2 ** 30}
-    return out
+            out[case] = {"measured": rows}
+    return extrapolate(out)
+
+
+def extrapolate(results: dict) -> dict:
+    """Add the 24-layer figures to raw {case: {"measured": {1: ..., 2: ...}}} results."""
+    for r in results.values():
+        one, two = (r["measured"].get(k, r["measured"].get(str(k))) for k in (1, 2))
+
+        def at_24(name):
+            return one[name] + 23 * (two[name] - one[name])
+
+        r.update({"tokens": one["tokens"],
+                  # the embedding lookup and final norm are negligible: encode time is layers x one layer
+                  "per_layer_encode_s": two["encode_s"] / 2, "encode_s_24": 12 * two["encode_s"],
+                  "resident_gib_24": at_24("resident_bytes") / 2 ** 30,
+                  "peak_rss_gib_24": at_24("peak_rss_bytes") / 2 ** 30,
+                  "file_gib_24": at_24("file_bytes") / 2 ** 30})
+    return results
 
 
 def table(results: dict) -> str:
@@ -106,15 +125,24 @@ def table(results: dict) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--from-json", help="only re-render the tables from a results json")
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES),
+                        help="measure these again and keep the others from benchmarks/results/t5_gguf.json")
     args = parser.parse_args(argv)
     if args.measure:
         print(json.dumps(_measure(args.measure)))
         return
-    results = run()
+    if args.from_json:
+        results = extrapolate(json.loads(Path(args.from_json).read_text()))
+    else:
+        previous = RESULTS / "t5_gguf.json"
+        results = json.loads(previous.read_text()) if previous.is_file() and args.cases != list(CASES) else {}
+        results.update(run(args.cases))
+        results = extrapolate({case: results[case] for case in CASES if case in results})
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "t5_gguf.json").write_text(json.dumps(results, indent=2))
     md = ("# T5-XXL encoding by file type (CPU, bf16 compute, one 300-token prompt; 24 layers extrapolated "
-          "from 1- and 2-layer runs at full width)\n\n" + table(results) + "\n")
+          "from 1- and 2-layer runs at full width; medians of 3 encodes)\n\n" + table(results) + "\n")
     (RESULTS / "t5_gguf.md").write_text(md)
     print(md)
 

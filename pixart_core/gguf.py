@@ -168,7 +168,7 @@ class GGUFReader:
         """The tensor dequantized to float32 (float types as stored)."""
         qtype, shape = self.qtype(key), self.shape(key)
         if qtype in _FLOAT_TYPES:
-            return self._raw(key).view(_FLOAT_TYPES[qtype]).reshape(shape).clone()
+            return self._raw(key).view(_FLOAT_TYPES[qtype]).reshape(shape).clone()  # dense: a writable copy
         return dequantize(self._raw(key), qtype, shape)
 
     def _raw(self, key) -> torch.Tensor:
@@ -177,7 +177,7 @@ class GGUFReader:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             raw = torch.from_numpy(data.view(np.uint8)).reshape(rows, -1)
-        return raw.clone()  # in memory, not a view of the file
+        return raw  # a read-only view of the memory-mapped file (as ComfyUI-GGUF keeps it): no second copy
 
     def close(self):
         self._tensors = {}
