@@ -204,11 +204,15 @@ def plan(files: Iterable[HubFile], models_dir: Path, endpoint: str | None = None
     return planned
 
 
-def _digest(path: Path, kind: str, size: int) -> str:
+def _digest(path: Path, kind: str, size: int, label: str) -> str:
+    """sha256 of the file, or its git blob id (sha1 of a header and the bytes), with a progress bar."""
+    from tqdm.auto import tqdm  # huggingface_hub's own dependency
     h = hashlib.sha256() if kind == "sha256" else hashlib.sha1(b"blob %d\0" % size)
-    with open(path, "rb") as fh:
+    with open(path, "rb") as fh, tqdm(total=size, unit="B", unit_scale=True, desc=f"checking {label}",
+                                      disable=size < 2 ** 28, leave=False) as bar:
         while chunk := fh.read(1 << 22):
             h.update(chunk)
+            bar.update(len(chunk))
     return h.hexdigest()
 
 
@@ -218,7 +222,7 @@ def verify(path: Path, p: Planned) -> None:
     if size != p.size:
         raise DownloadError(f"{p.file.name}: downloaded {size:,} bytes, the Hub says {p.size:,}")
     kind, want = ("sha256", p.sha256) if p.sha256 else ("sha1", p.blob_id)
-    if want and _digest(path, kind, size) != want:
+    if want and _digest(path, kind, size, p.file.name) != want:
         raise DownloadError(f"{p.file.name}: its {kind} does not match the Hub's {want}, so the download is damaged")
 
 
@@ -251,7 +255,6 @@ def fetch(p: Planned, endpoint: str | None = None, cache_dir: str | os.PathLike 
                                 "run again") from None
         raise _explain(e, p.file.name, endpoint) from None
     blob = cached.resolve()
-    say(f"   verifying {p.file.name} ({gb(p.size)}) ...")
     try:
         verify(blob, p)
     except DownloadError as e:
@@ -260,7 +263,7 @@ def fetch(p: Planned, endpoint: str | None = None, cache_dir: str | os.PathLike 
             cached.unlink()
         raise DownloadError(f"{e}; it was removed from the cache - run the command again to download it anew") from None
     how = _place(blob, p.target)
-    say(f"   {p.target}  ({how})")
+    say(f"   {p.target}  ({'sha256' if p.sha256 else 'git blob id'} checked, {how})")
     return p.target
 
 

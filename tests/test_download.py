@@ -58,7 +58,7 @@ def test_full_download_through_the_cli(standin, tmp_path):
     assert list((tmp_path / "hf" / "hub").glob("models--PixArt-alpha--PixArt-Sigma/blobs/*"))
     total = sum(map(len, PAYLOAD.values()))
     assert f"3 of 3 files to download, {total / 1e6:.1f} MB in all" in run.stdout  # said before it starts
-    assert run.stdout.index("in all") < run.stdout.index("verifying")
+    assert run.stdout.index("in all") < run.stdout.index("(sha256 checked, linked from the cache)")
     assert len([r for r in standin.requests if r[1] == "GET" and r[2].startswith("/cdn/")]) == 3
     # the second run finds everything and downloads nothing
     before = len(standin.requests)
