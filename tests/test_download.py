@@ -182,3 +182,16 @@ def test_every_workflow_carries_its_models():
                     assert m["url"].rsplit("/", 1)[1] == m["name"]
             listed += len(models)
         assert listed >= 3, path.name  # a PixArt model, the T5 and the VAE at least
+
+
+def test_dry_run_and_where_the_files_go(standin, tmp_path, monkeypatch):
+    lines = []
+    paths = hub.download(hub.resolve(["sigma-1024"]), tmp_path / "m", endpoint=standin.url, dry_run=True,
+                         say=lines.append)
+    assert paths == [tmp_path / "m" / d / n for d, n in (("diffusion_models", SIGMA), ("vae", VAE), ("text_encoders", T5))]
+    assert not (tmp_path / "m").exists() and not standin.downloads(SIGMA)
+    assert lines[-1].startswith("== 3 of 3 files to download, 0.5 MB in all")
+    run = cli([], tmp_path, standin.url)  # run from outside any ComfyUI, no COMFYUI_MODELS: it asks
+    assert run.returncode == 2 and "say where the models go: --models-dir PATH/TO/ComfyUI/models" in run.stderr
+    monkeypatch.setenv("COMFYUI_MODELS", str(tmp_path / "cm"))
+    assert hub.default_models_dir() == tmp_path / "cm"
