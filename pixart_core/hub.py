@@ -185,7 +185,7 @@ def plan(files: Iterable[HubFile], models_dir: Path, endpoint: str | None = None
             try:
                 infos[key] = api.model_info(f.repo, revision=f.revision, files_metadata=True, timeout=timeout)
             except Exception as e:  # noqa: BLE001 - every failure becomes one sentence
-                raise _explain(e, f"{f.repo}", endpoint) from None
+                raise _explain(e, f.repo, endpoint) from None
         info = infos[key]
         sibling = next((s for s in info.siblings or [] if s.rfilename == f.path), None)
         if sibling is None or sibling.size is None:
