@@ -1,13 +1,15 @@
-"""Command line: `python -m pixart_core {inspect,convert,encode,generate} --help`."""
+"""Command line: `python -m pixart_core {inspect,convert,encode,generate,download} --help`."""
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import torch
 
 from .config import PRESETS
+from .hub import DownloadError
 
 
 def _inspect(args):
@@ -65,6 +67,28 @@ def _generate(args):
     save_latents(args.output, result)
     print(f"wrote {args.output}: {result.width}x{result.height} px latents (requested "
           f"{result.requested[1]}x{result.requested[0]}), seed {result.seed}")
+
+
+def _download(args):
+    import json
+    from . import hub
+    if args.list:
+        for name, f in hub.FILES.items():
+            print(f"{name:<42} {f.directory + '/':<18} {f.url}")
+        print("\nsets (each with the T5 chosen by --t5): " + ", ".join(f"{k} = {' + '.join(v)}" for k, v in hub.SETS.items()))
+        return
+    files = []
+    for wf in args.workflow:
+        found = hub.files_in_workflow(json.loads(Path(wf).read_text(encoding="utf-8")))
+        if not found:
+            raise ValueError(f"{wf} names none of the known model files (python -m pixart_core download --list)")
+        files += found
+    files += hub.resolve(args.what or ([] if files else ["sigma-1024"]), t5=args.t5)
+    models_dir = args.models_dir or hub.default_models_dir()
+    if models_dir is None:
+        raise ValueError("say where the models go: --models-dir PATH/TO/ComfyUI/models (or set COMFYUI_MODELS)")
+    hub.download(list(dict.fromkeys(files)), models_dir, dry_run=args.dry_run,
+                 say=lambda line: print(line, flush=True))
 
 
 def main(argv=None) -> int:
@@ -132,6 +156,18 @@ def main(argv=None) -> int:
     p.add_argument("output", help="output .latent file")
     p.set_defaults(run=_generate)
 
+    p = sub.add_parser("download", help="download the released files a model set or workflow needs into a "
+                                        "ComfyUI models folder (needs huggingface_hub)")
+    p.add_argument("what", nargs="*", help="sets (sigma-1024, sigma-2k, sigma-512, alpha-1024, ...) or file names; "
+                                          "default sigma-1024")
+    p.add_argument("--workflow", action="append", default=[], help="also the files this workflow .json names")
+    p.add_argument("--t5", choices=["fp16", "fp8"], default="fp16", help="T5-XXL precision for the sets")
+    p.add_argument("--models-dir", type=Path, default=None,
+                   help="ComfyUI's models folder (default: $COMFYUI_MODELS, or the ComfyUI this pack is in)")
+    p.add_argument("--dry-run", action="store_true", help="show what would be downloaded, and its size")
+    p.add_argument("--list", action="store_true", help="list the known files and sets (no network)")
+    p.set_defaults(run=_download)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -139,6 +175,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:  # our errors are one sentence a user can act on
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except DownloadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -259,13 +259,15 @@ class ComfyHost:
 
     ``torchvision_stub`` puts the import-only torchvision stand-in on PYTHONPATH (None: only when
     ``python`` finds no torchvision). ``env`` adds environment variables for the server.
+    ``pack_dir=None`` links nothing (the pack is installed there already); ``log_path`` puts the
+    server log elsewhere (a user's ComfyUI folder gets none of ours).
     """
 
     def __init__(self, base_dir: str | os.PathLike, port: int | None = None, extra_args: Iterable[str] = (),
                  *, comfy_dir: str | os.PathLike | None = None, python: str | None = None,
                  pack_dir: str | os.PathLike | None = REPO, pack_name: str | None = None,
                  startup_timeout: float = 120.0, env: Mapping[str, str] | None = None,
-                 torchvision_stub: bool | None = None, cpu: bool = True):
+                 torchvision_stub: bool | None = None, cpu: bool = True, log_path: str | os.PathLike | None = None):
         self.cpu = cpu  # --cpu: tests and CI; run_workflow.py turns it off when CUDA is there
         self.base_dir = Path(base_dir).resolve()
         self.port = port
@@ -279,7 +281,7 @@ class ComfyHost:
         self.torchvision_stub = torchvision_stub
         self.proc: subprocess.Popen | None = None
         self.client_id = uuid.uuid4().hex
-        self.log_path = self.base_dir / LOG_NAME
+        self.log_path = Path(log_path) if log_path else self.base_dir / LOG_NAME
         self._log_file = None
         self._object_info: dict | None = None
         self.startup_s: float | None = None
@@ -361,6 +363,7 @@ class ComfyHost:
         raise AssertionError("unreachable")
 
     def _launch(self, comfy_dir: Path, env: Mapping[str, str]) -> "ComfyHost":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "ab")
         self._log_file.write(f"\n==== comfy_host: {' '.join(self.command())}\n".encode())
         self._log_file.flush()

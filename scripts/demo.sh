@@ -8,8 +8,10 @@
 # 2. ComfyUI 0.3.75 in .cache/comfyui, with this pack linked into its custom_nodes
 #    (scripts/comfy_host.py build)
 # 3. the models (scripts/make_demo_models.py): the released files when they are in models/
-#    (this repository, ComfyUI layout) or in $COMFYUI_MODELS; otherwise small random-weight
-#    stand-ins written to .cache/demo_models - it says which, and random weights give noise
+#    (this repository, ComfyUI layout), in $COMFYUI_MODELS or in the ComfyUI named by $COMFYUI_DIR;
+#    if not, downloaded from the Hugging Face Hub when it is reachable (about 13 GB; set
+#    PIXART_DEMO_DOWNLOAD=0 to skip this); otherwise small random-weight stand-ins written to
+#    .cache/demo_models - it says which, and random weights give noise
 # 4. the workflow, unchanged apart from the prompt when one is given (scripts/run_workflow.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +21,9 @@ bash scripts/setup_env.sh
 echo "== 2/4 ComfyUI host" >&2
 .venv/bin/python scripts/comfy_host.py build >/dev/null
 echo "== 3/4 Models" >&2
-IFS=$'\t' read -r mode models < <(.venv/bin/python scripts/make_demo_models.py)
+download=(--download)
+if [ "${PIXART_DEMO_DOWNLOAD:-1}" = 0 ]; then download=(); fi
+IFS=$'\t' read -r mode models < <(.venv/bin/python scripts/make_demo_models.py ${download[@]+"${download[@]}"})
 if [ -z "${models:-}" ]; then
   echo "demo: scripts/make_demo_models.py gave no models folder" >&2
   exit 1

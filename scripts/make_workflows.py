@@ -10,9 +10,12 @@ so the widget order is the one the front end uses and a schema change is picked 
 this again. The JSON is the canvas's own save format (version 0.4: nodes with type/pos/size/
 inputs/outputs/widgets_values/properties, links as [id, from, slot, to, slot, type]).
 
-Models are named by their release file names (README "Models"). The thumbnail is a rendered
-picture of the graph (what is connected to what, and the output size): sample images would need
-the real weights, which this repository neither ships nor downloads.
+Models are named by their release file names (README "Models"). Every node whose widget names a
+file of pixart_core.hub.FILES (the one table of released files) lists it in properties.models
+(name, url, directory, sha256 where known): the front end's missing-models dialog reads that
+when a workflow is opened, so add a row there for a new model file and every workflow naming it
+carries it. The thumbnail is a rendered picture of the graph (what is connected to what, and the
+output size): sample images would need the real weights, which this repository does not ship.
 """
 from __future__ import annotations
 
@@ -25,6 +28,9 @@ from typing import Any, Mapping
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfy_host  # noqa: E402
+
+sys.path.insert(0, str(comfy_host.REPO))
+from pixart_core.hub import FILES as MODEL_FILES, HubFile  # noqa: E402  (the table of released files)
 
 REPO = comfy_host.REPO
 OUT_DIR = REPO / "workflows"
@@ -43,12 +49,18 @@ PROMPT = ("A small cactus with a happy face in the Sahara desert, golden hour, s
 NEGATIVE = ""  # the official PixArt-Σ inference uses the empty prompt as the negative
 SEED = 42
 
-MODELS_NOTE = {
-    PIXART_1024: "ComfyUI/models/diffusion_models/ - from huggingface.co/PixArt-alpha/PixArt-Sigma",
-    PIXART_2K: "ComfyUI/models/diffusion_models/ - from huggingface.co/PixArt-alpha/PixArt-Sigma",
-    T5_XXL: "ComfyUI/models/text_encoders/ - from huggingface.co/comfyanonymous/flux_text_encoders",
-    SDXL_VAE: "ComfyUI/models/vae/ - from huggingface.co/stabilityai/sdxl-vae",
-}
+# file name -> "folder - source" for the Read-me notes, from the table of released files
+MODELS_NOTE = {name: f"ComfyUI/models/{f.directory}/ - from huggingface.co/{f.repo}" for name, f in MODEL_FILES.items()}
+
+
+def model_entry(f: HubFile) -> dict:
+    """A file as the front end's missing-models dialog reads it from a node's properties.models:
+    name, url (huggingface.co), directory (a models/ folder name) and, where known, the sha256."""
+    entry = {"name": f.name, "url": f.url, "directory": f.directory}
+    if f.sha256:
+        entry.update(hash=f.sha256, hash_type="SHA256")
+    return entry
+
 
 WIDGET_TYPES = comfy_host.WIDGET_TYPES
 
@@ -124,6 +136,9 @@ class Workflow:
         is_ours = ntype.startswith("PixArtSuite")
         props["cnr_id"] = PACK_ID if is_ours else "comfy-core"
         props["ver"] = PACK_VERSION if is_ours else COMFY_VERSION
+        models = [model_entry(MODEL_FILES[v]) for v in values if isinstance(v, str) and v in MODEL_FILES]
+        if models:  # any widget naming a known file (loaders of this pack, stock ones, others' workflows)
+            props["models"] = models
         node = {"id": nid, "type": ntype, "pos": list(pos), "size": list(size), "flags": {}, "order": 0,
                 "mode": 0, "inputs": sockets + widget_inputs, "outputs": outputs, "properties": props,
                 "widgets_values": values}

@@ -6,7 +6,9 @@
 WORKFLOW is a UI-format workflow (as the canvas saves it), an API-format prompt, or a PNG that
 ComfyUI saved. ``--models DIR`` holds model files in ComfyUI's models/ layout (checkpoints/,
 diffusion_models/, text_encoders/, vae/, vae_approx/, ...); they are symlinked into the host's
-base folder. ``--set 3.seed=42`` (or ``--set "KSampler title.steps=4"``) overrides an input after
+base folder. ``--comfy-dir DIR`` runs that ComfyUI on its own folders (models/, input/, output/,
+custom_nodes/ with this pack installed, user/): nothing is written there but what ComfyUI itself
+writes, and ``--models`` folders are added as extra model paths instead of links. ``--set 3.seed=42`` (or ``--set "KSampler title.steps=4"``) overrides an input after
 conversion; the value is read as JSON when it parses, else as a string.
 
 The saved images are copied to --out (default: output/ in the repository) and their paths
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -136,6 +139,36 @@ def _prune_dangling_links(models_dir: Path) -> None:
             path.unlink()
 
 
+def extra_model_paths(models_dirs: Iterable[Path], path: Path) -> Path:
+    """An extra_model_paths.yaml (ComfyUI's format) that adds each folder's model subfolders."""
+    lines = []
+    for i, src in enumerate(models_dirs):
+        src = Path(src).resolve()
+        if not src.is_dir():
+            raise HostError(f"models folder {src} does not exist")
+        lines.append(f"run_workflow_{i}:")
+        lines.append(f"    base_path: {json.dumps(str(src))}")
+        lines += [f"    {sub.name}: {json.dumps(sub.name)}" for sub in sorted(src.iterdir()) if sub.is_dir()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def user_host(comfy_dir: Path, models: list[Path], extra_args: list[str], **kwargs) -> ComfyHost:
+    """A host on a user's ComfyUI folders, which must have this pack in custom_nodes/."""
+    nodes = comfy_dir / "custom_nodes"
+    installed = nodes.is_dir() and any(p.resolve() == comfy_host.REPO for p in nodes.iterdir())
+    if not installed:
+        raise HostError(f"this pack ({comfy_host.REPO}) is not installed in {nodes}: install it there (README, "
+                        "Install), or pass --base DIR to run that ComfyUI on a separate base folder")
+    run_dir = comfy_host.REPO / ".cache" / "run"
+    if models:
+        extra_args = [*extra_args, "--extra-model-paths-config",
+                      str(extra_model_paths(models, run_dir / "extra_model_paths.yaml"))]
+    return ComfyHost(comfy_dir, extra_args=extra_args, comfy_dir=comfy_dir, pack_dir=None,
+                     log_path=run_dir / "comfyui.log", **kwargs)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -144,15 +177,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=Path, action="append", default=[],
                         help="folder in ComfyUI's models/ layout to link in (repeatable)")
     parser.add_argument("--out", type=Path, default=comfy_host.REPO / "output", help="where to copy the images")
-    parser.add_argument("--base", type=Path, default=comfy_host.REPO / ".cache" / "run",
-                        help="the host's base directory (custom_nodes/, models/, output/, ...)")
+    parser.add_argument("--base", type=Path, default=None,
+                        help="the host's base directory (custom_nodes/, models/, output/, ...); default "
+                             ".cache/run, or with --comfy-dir that ComfyUI's own folders")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="NODE_ID.input=value",
                         help="override an input after conversion (repeatable)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the prompt")
     parser.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: a free one)")
     parser.add_argument("--api-out", type=Path, default=None, help="also write the API prompt here")
     parser.add_argument("--comfy-dir", type=Path, default=None,
-                        help="use this ComfyUI checkout instead of the pinned host (or set COMFYUI_DIR)")
+                        help="run this ComfyUI (with this pack installed) on its own folders instead of "
+                             "the pinned test host (or set COMFYUI_DIR)")
     parser.add_argument("--extra-arg", action="append", default=[], help="extra main.py argument, written --extra-arg=--flag (repeatable)")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                         help="where ComfyUI runs the models (auto: the GPU when torch sees one)")
@@ -167,13 +202,18 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         parser.error(str(e))
     try:
+        users = args.base is None and (args.comfy_dir or os.environ.get("COMFYUI_DIR"))
         comfy_dir = comfy_host.ensure_host(args.comfy_dir)
         cpu = args.device == "cpu" or (args.device == "auto" and not _cuda_available())
-        host = ComfyHost(args.base, port=args.port, extra_args=args.extra_arg, comfy_dir=comfy_dir, cpu=cpu)
-        _prune_dangling_links(host.models_dir)
-        for src in args.models:
-            made = comfy_host.link_models(src, host.models_dir)
-            log.info("linked %d model files from %s", len(made), src)
+        if users:
+            host = user_host(comfy_dir, args.models, args.extra_arg, port=args.port, cpu=cpu)
+        else:
+            host = ComfyHost(args.base or comfy_host.REPO / ".cache" / "run", port=args.port,
+                             extra_args=args.extra_arg, comfy_dir=comfy_dir, cpu=cpu)
+            _prune_dangling_links(host.models_dir)
+            for src in args.models:
+                made = comfy_host.link_models(src, host.models_dir)
+                log.info("linked %d model files from %s", len(made), src)
         with host:
             copies = execute(host, workflow, args.out, args.sets, args.timeout, args.verbose, args.api_out)
     except (HostError, ValueError) as e:

@@ -16,11 +16,12 @@ def mdm(tmp_path, monkeypatch):
     spec.loader.exec_module(module)
     monkeypatch.setattr(module, "REPO", tmp_path / "repo")  # ignore real weights in this checkout's models/
     monkeypatch.delenv("COMFYUI_MODELS", raising=False)
+    monkeypatch.delenv("COMFYUI_DIR", raising=False)
     return module
 
 
-def run(mdm, out, capsys) -> tuple[str, Path, str]:
-    assert mdm.main(["--out", str(out)]) == 0
+def run(mdm, out, capsys, *args) -> tuple[str, Path, str]:
+    assert mdm.main(["--out", str(out), *args]) == 0
     captured = capsys.readouterr()
     mode, folder = captured.out.strip().split("\t")
     return mode, Path(folder), captured.err
@@ -67,3 +68,53 @@ def test_small_or_partial_sets_fall_back_to_random(mdm, tmp_path, capsys):
     mode, _, err = run(mdm, tmp_path / "out", capsys)
     assert mode == "random" and "too small to be the released files" in err
 
+
+
+def release_set(models: Path) -> None:
+    big(models / "diffusion_models" / "PixArt-Sigma-XL-2-1024-MS.pth")
+    big(models / "text_encoders" / "t5xxl_fp16.safetensors")
+    big(models / "vae" / "sdxl_vae.safetensors")
+
+
+def test_real_weights_from_the_comfyui_it_is_pointed_at(mdm, tmp_path, capsys, monkeypatch):
+    comfy = tmp_path / "MyComfy"
+    release_set(comfy / "models")
+    mode, folder, err = run(mdm, tmp_path / "out", capsys, "--comfy-dir", str(comfy))
+    assert mode == "real" and (folder / "vae" / "sdxl_vae.safetensors").resolve() == comfy / "models" / "vae" / "sdxl_vae.safetensors"
+    monkeypatch.setenv("COMFYUI_DIR", str(comfy))  # the same through the environment run_workflow.py reads
+    assert run(mdm, tmp_path / "out2", capsys)[0] == "real"
+
+
+def test_real_weights_from_the_comfyui_the_pack_is_installed_in(mdm, tmp_path, capsys, monkeypatch):
+    comfy = tmp_path / "ComfyUI"
+    monkeypatch.setattr(mdm, "REPO", comfy / "custom_nodes" / "ComfyUI-PixArt-Sigma-Suite")
+    mode, _, err = run(mdm, tmp_path / "out", capsys)
+    assert mode == "random" and f"looked in: {comfy / 'models'}, " in err
+    release_set(comfy / "models")
+    assert run(mdm, tmp_path / "out", capsys)[0] == "real"
+
+
+def test_download_fills_the_first_models_folder(mdm, tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+    from hub_standin import StandInHub
+    payload = {"PixArt-Sigma-XL-2-1024-MS.pth": b"p" * 3000, "t5xxl_fp16.safetensors": b"t" * 2000,
+               "sdxl_vae.safetensors": b"v" * 1000}
+    repos = {"PixArt-alpha/PixArt-Sigma": {"PixArt-Sigma-XL-2-1024-MS.pth": payload["PixArt-Sigma-XL-2-1024-MS.pth"]},
+             "comfyanonymous/flux_text_encoders": {"t5xxl_fp16.safetensors": payload["t5xxl_fp16.safetensors"]},
+             "stabilityai/sdxl-vae": {"sdxl_vae.safetensors": payload["sdxl_vae.safetensors"]}}
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(mdm, "REAL_MIN_BYTES", 500)  # the stand-in Hub's files count as the release here
+    with StandInHub(repos) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        mode, folder, err = run(mdm, tmp_path / "out", capsys, "--download")
+    assert mode == "real" and "== Downloading the release files into" in err and "REAL weights" in err
+    models = mdm.REPO / "models"
+    assert (models / "vae" / "sdxl_vae.safetensors").read_bytes() == payload["sdxl_vae.safetensors"]
+    assert (folder / "diffusion_models" / "PixArt-Sigma-XL-2-1024-MS.pth").resolve().parent == models / "diffusion_models"
+
+
+def test_unreachable_hub_falls_back_to_the_standins(mdm, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    mode, _, err = run(mdm, tmp_path / "out", capsys, "--download")
+    assert mode == "random" and "no download: PixArt-alpha/PixArt-Sigma: cannot reach the Hub" in err
+    assert "SMALL RANDOM-WEIGHT STAND-INS" in err and "For real images put the files" in err
