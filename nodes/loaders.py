@@ -140,11 +140,13 @@ def default_choice(choices: list[str], recommended: str) -> str:
 
 
 def _models_folder(folder: str) -> str:
+    """Where files of this kind go: the registered folder of that name (not a legacy alias like unet/)."""
     try:
         paths = folder_paths.get_folder_paths(folder)
     except KeyError:
         paths = []
-    return paths[0] if paths else f"models/{folder}"
+    named = [p for p in paths if Path(p).name == folder]
+    return (named or paths or [f"models/{folder}"])[0]
 
 
 def _resolve(choice: str, input_name: str, file_folders: tuple[str, ...], prefixed: dict,

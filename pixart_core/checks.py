@@ -55,7 +55,7 @@ def real_number(name: str, value, lo: float | None = None, hi: float | None = No
     try:
         value = float(value)
     except OverflowError:  # an int beyond float range
-        value = math.copysign(math.inf, value)
+        value = math.inf if value > 0 else -math.inf
     if not math.isfinite(value):
         raise InputError(_named(name, f"must be a finite number, got {value}{hint}"))
     if (lo is not None and value < lo) or (hi is not None and value > hi):
