@@ -94,6 +94,20 @@ def read_json_object(path, error: type[Exception] = InputError) -> dict:
     return data
 
 
+def config_fields(config: dict, path, fields: dict, error: type[Exception] = InputError) -> dict:
+    """The fields of a JSON config that are present and not null, each checked by its rule
+    `name: (check, lo, example)` (a checks.py function and its lower bound); `error` names file and field."""
+    checked = {}
+    for name, (check, lo, example) in fields.items():
+        if config.get(name) is not None:
+            try:
+                checked[name] = check(f"field {name}", config[name], lo)
+            except InputError as e:
+                raise error(f"{path}: {e}{f' ({example})' if example else ''}; fix the file or download it "
+                            "again") from None
+    return checked
+
+
 # -------------------------------------------------------------------------------------------------
 # writing
 # -------------------------------------------------------------------------------------------------

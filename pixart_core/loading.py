@@ -19,7 +19,7 @@ import torch
 from . import checks
 from .checks import InputError
 from .config import PRESETS, PixArtConfig
-from .files import prepare_output, read_json_object, save_result, torch_load, unreadable
+from .files import config_fields, prepare_output, read_json_object, save_result, torch_load, unreadable
 from .model import PixArt
 
 log = logging.getLogger(__name__)
@@ -103,14 +103,7 @@ def read_diffusers_config(cfg_path) -> dict:
 
 def check_diffusers_config(config: dict, cfg_path) -> dict:
     """The config with the fields the loader reads checked (and JSON numbers like 128.0 made ints)."""
-    config = dict(config)
-    for name, (check, lo, example) in _DIFFUSERS_FIELDS.items():
-        if config.get(name) is not None:
-            try:
-                config[name] = check(f"field {name}", config[name], lo)
-            except InputError as e:
-                raise CheckpointError(f"{cfg_path}: {e} ({example}); fix the file or download it again") from None
-    return config
+    return {**config, **config_fields(config, cfg_path, _DIFFUSERS_FIELDS, CheckpointError)}
 
 
 def _index_shards(index: Path) -> list[str]:
@@ -496,6 +489,7 @@ class LoadedPixArt:
 def load_pixart(path, preset: str | None = None, dtype=None, compute_dtype=None, device="cpu", operations=None,
                 **overrides) -> LoadedPixArt:
     """Load any supported PixArt checkpoint. preset None/'auto' detects the configuration."""
+    device = checks.usable_device(device)
     raw = read_checkpoint(path)
     if preset in (None, "auto"):
         config, sources = detect_config(raw, **overrides)

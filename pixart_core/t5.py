@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .checks import InputError, clean_text, real_number, usable_device, whole_number
-from .files import read_json_object, torch_load, unreadable
+from .files import config_fields, read_json_object, torch_load, unreadable
 
 log = logging.getLogger(__name__)
 
@@ -487,15 +487,8 @@ def _hf_config_extras(source) -> dict:
     except T5LoadError as e:  # the weights alone define the model; these two have standard values
         log.warning("%s; using the T5 v1.1 defaults instead", e)
         return {}
-    extras = {}
-    for name, check, lo in (("relative_attention_max_distance", whole_number, 1),
-                            ("layer_norm_epsilon", real_number, 1e-12)):
-        if config.get(name) is not None:
-            try:
-                extras[name] = check(f"field {name}", config[name], lo)
-            except InputError as e:
-                raise T5LoadError(f"{config_file}: {e}; fix the file or download it again") from None
-    return extras
+    return config_fields(config, config_file, {"relative_attention_max_distance": (whole_number, 1, "e.g. 128"),
+                                               "layer_norm_epsilon": (real_number, 1e-12, "e.g. 1e-06")}, T5LoadError)
 
 
 # ----------------------------------------------------------------------------- model building

@@ -300,17 +300,14 @@ def mutated_bytes(draw, base):
     return bytes(data)
 
 
-@fuzz(80)
-@given(data=mutated_bytes(_pth_bytes()))
-def test_pth_reader_on_mutated_files(bounded, tmp_path, data):
-    path = tmp_path / "model.pth"
-    path.write_bytes(data)
-    only_our_errors(torch_load, path)
+ORIGINALS = {"model.pth": (_pth_bytes(), torch_load), "model.safetensors": (_safetensors_bytes(), read_safetensors)}
 
 
+@pytest.mark.parametrize("name", sorted(ORIGINALS))
 @fuzz(80)
-@given(data=mutated_bytes(_safetensors_bytes()))
-def test_safetensors_reader_on_mutated_files(bounded, tmp_path, data):
-    path = tmp_path / "model.safetensors"
-    path.write_bytes(data)
-    only_our_errors(read_safetensors, path)
+@given(data=st.data())
+def test_readers_on_mutated_files(bounded, tmp_path, name, data):
+    original, reader = ORIGINALS[name]
+    path = tmp_path / name
+    path.write_bytes(data.draw(mutated_bytes(original)))
+    only_our_errors(reader, path)
