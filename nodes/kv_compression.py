@@ -38,7 +38,8 @@ class PixArtSuiteKVCompression(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, layers):
-        return queue_check(lambda layers: parse_layers(layers, None), layers=layers)  # syntax; depth comes with the model
+        # the syntax now; the numbers against the depth once the model is known
+        return queue_check(lambda layers: parse_layers(layers, None), layers=layers)
 
     @classmethod
     def execute(cls, model, layers, ratio, mode) -> io.NodeOutput:

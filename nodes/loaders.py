@@ -149,12 +149,16 @@ def _models_folder(folder: str) -> str:
     return (named or paths or [f"models/{folder}"])[0]
 
 
-def _resolve(choice: str, input_name: str, file_folders: tuple[str, ...], prefixed: dict,
-             blocking_problems: bool = True) -> Path:
-    """The file or folder a dropdown value names, or InputError saying where it belongs and where to get it."""
+def resolve_choice(choice: str, input_name: str, file_folders: tuple[str, ...], prefixed: dict | None = None,
+                   blocking_problems: bool = True) -> Path:
+    """The file or folder a loader's dropdown value names, or InputError saying where it belongs and where
+    to get it (model_files.where_to_get). Call it from the loader's validate_inputs (through queue_check)
+    and from execute, e.g. ``resolve_choice(name, "control_net_name", ("controlnet",))``.
+    `prefixed` maps a prefix like DIFFUSERS_PREFIX to (scan function, models/ folder) for folder entries;
+    a folder the scan lists with a problem is refused with it unless blocking_problems is False."""
     if not isinstance(choice, str) or not choice:
         raise InputError(f"{input_name} is empty; pick a file from the list (press R to refresh it)")
-    for prefix, (listing, folder) in prefixed.items():
+    for prefix, (listing, folder) in (prefixed or {}).items():
         if choice.startswith(prefix):
             name = choice[len(prefix):]
             for n, path, problem in listing():
@@ -178,15 +182,16 @@ def _resolve(choice: str, input_name: str, file_folders: tuple[str, ...], prefix
 
 
 def resolve_pixart_model(ckpt_name: str) -> Path:
-    return _resolve(ckpt_name, "ckpt_name", ("diffusion_models", "checkpoints"),
-                    {DIFFUSERS_PREFIX: (_pixart_diffusers_folders, "diffusers")})
+    return resolve_choice(ckpt_name, "ckpt_name", ("diffusion_models", "checkpoints"),
+                          {DIFFUSERS_PREFIX: (_pixart_diffusers_folders, "diffusers")})
 
 
 def resolve_t5(t5_name: str) -> Path:
     # a T5 folder whose config.json is unreadable still loads (its weights define it): not blocking
-    return _resolve(t5_name, "t5_name", ("text_encoders",),
-                    {FOLDER_PREFIX: (_t5_folders, "text_encoders"), DIFFUSERS_PREFIX: (_t5_diffusers_folders, "diffusers")},
-                    blocking_problems=False)
+    return resolve_choice(t5_name, "t5_name", ("text_encoders",),
+                          {FOLDER_PREFIX: (_t5_folders, "text_encoders"),
+                           DIFFUSERS_PREFIX: (_t5_diffusers_folders, "diffusers")},
+                          blocking_problems=False)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -243,7 +248,7 @@ class PixArtSuiteModelLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, ckpt_name):
-        return queue_check(resolve_pixart_model, ckpt_name=ckpt_name)  # every missing file at queue time, not one per run
+        return queue_check(resolve_pixart_model, ckpt_name=ckpt_name)  # all missing files at queue time
 
     @classmethod
     def execute(cls, ckpt_name, preset, weight_dtype, kv_compression, kv_mode) -> io.NodeOutput:

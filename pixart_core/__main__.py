@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("encode", help="T5-encode a prompt into a .safetensors file (embeds, mask)")
     t5_args(p)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-length", type=argument(whole_number, 1, MAX_TOKENS), default=300, help="300 for Σ, 120 for α")
+    p.add_argument("--max-length", type=argument(whole_number, 1, MAX_TOKENS), default=300,
+                   help="300 for Σ, 120 for α")
     p.add_argument("output")
     p.set_defaults(run=_encode)
 

@@ -116,7 +116,8 @@ def resize_and_center_crop(images: torch.Tensor, height: int, width: int) -> tor
     new_h, new_w = max(int(h * ratio), height), max(int(w * ratio), width)
     scaled_bytes = images.shape[0] * images.shape[1] * new_h * new_w * images.element_size()
     checks.check_fits(f"covering {width}x{height} px from {w}x{h} px images (scaled to {new_w}x{new_h} before "
-                      "the crop)", scaled_bytes, images.device, "crop the images closer to the wanted aspect ratio first")
+                      "the crop)", scaled_bytes, images.device,
+                      "crop the images closer to the wanted aspect ratio first")
     images = F.interpolate(images, size=(new_h, new_w), mode="bilinear", align_corners=False)
     top, left = (new_h - height) // 2, (new_w - width) // 2
     return images[..., top:top + height, left:left + width]

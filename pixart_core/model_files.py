@@ -10,6 +10,7 @@ HUB = "https://huggingface.co/"
 # (file-name pattern, the Hugging Face repository that publishes files of that name)
 SOURCES = (
     (r"PixArt-Sigma-XL-2-.*\.(pth|safetensors)", "PixArt-alpha/PixArt-Sigma"),
+    (r"PixArt-XL-2-.*-ControlNet\.(pth|safetensors)", "PixArt-alpha/PixArt-ControlNet"),
     (r"PixArt-XL-2-.*\.(pth|safetensors)", "PixArt-alpha/PixArt-alpha"),
     (r"t5xxl_.*\.safetensors", "comfyanonymous/flux_text_encoders"),
     (r"sdxl_vae\.safetensors", "stabilityai/sdxl-vae"),

@@ -89,8 +89,6 @@ def cli(tmp_path_factory):
         "generate into missing folders": gen + [str(tmp / "new" / "deeper" / "o.latent")],
         "generate into a read-only folder": gen + [str(readonly / "o.latent")],
         "generate onto a folder": gen + [str(tmp / "a-folder")],
-        "encode onto a folder": enc + [str(tmp / "a-folder")],
-        "convert into a read-only folder": ["convert", str(pth), str(readonly / "x.safetensors")],
         "config with bad JSON": ["inspect", str(tmp / "bad-json")],
         "config that is a JSON list": ["inspect", str(tmp / "json-list")],
         "config field of the wrong type": ["inspect", str(tmp / "big-sample")],
@@ -111,7 +109,7 @@ def cli(tmp_path_factory):
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = dict(zip(argv, pool.map(run, argv.values())))
     return {"tmp": tmp, "results": results, "pth": pth, "before": before, "marker": marker, "readonly": readonly,
-            "gen": gen}
+            "gen": gen, "enc": enc}
 
 
 def in_process(argv, capsys) -> str:
@@ -173,15 +171,20 @@ def test_missing_output_folders_are_created(cli):
 
 @pytest.mark.parametrize("case, words", [
     ("generate into a read-only folder", "cannot write in {readonly}"),
-    ("convert into a read-only folder", "cannot write in {readonly}"),
     ("generate onto a folder", "{tmp}/a-folder is a folder; give the name of a file"),
-    ("encode onto a folder", "{tmp}/a-folder is a folder; give the name of a file"),
 ])
 def test_bad_destinations_are_refused_before_the_work(cli, case, words):
     # they failed only after sampling, with a raw SafetensorError/PermissionError (issue #10, case 3)
     message = refused(cli, case)
     assert words.format(readonly=cli["readonly"], tmp=cli["tmp"]) in message, message
     assert "Loaded T5 encoder" not in cli["results"][case].stderr  # nothing was loaded, let alone sampled
+
+
+def test_encode_and_convert_check_their_destinations_too(cli, capsys):
+    assert in_process(cli["enc"] + [str(cli["tmp"] / "a-folder")], capsys) == (
+        f"error: output {cli['tmp'] / 'a-folder'} is a folder; give the name of a file (in it, or elsewhere)")
+    assert in_process(["convert", str(cli["pth"]), str(cli["readonly"] / "x.safetensors")], capsys).startswith(
+        f"error: output {cli['readonly'] / 'x.safetensors'}: cannot write in {cli['readonly']} (")
 
 
 @pytest.mark.parametrize("case, words", [

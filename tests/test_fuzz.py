@@ -137,8 +137,9 @@ def test_resize_and_center_crop(bounded, shape, height, width):
 
 PARSER = build_parser()
 SUBCOMMANDS = {a.dest: a for a in PARSER._actions if isinstance(a, argparse._SubParsersAction)}["command"].choices
-words = st.one_of(st.sampled_from(["nan", "inf", "-inf", "-1", "0", "1", "2", "1e3", "1e999", "0x10", "18446744073709551616",
-                                   "18446744073709551615", "4097", "16385", "0-99999999999999999999", "all", "", "-"]),
+words = st.one_of(st.sampled_from(["nan", "inf", "-inf", "-1", "0", "1", "2", "1e3", "1e999", "0x10", "4097", "16385",
+                                   "18446744073709551616", "18446744073709551615", "0-99999999999999999999", "all",
+                                   "", "-"]),
                   st.integers(-10 ** 25, 10 ** 25).map(str), st.floats().map(str),
                   st.text(alphabet=string.printable, max_size=12))
 
@@ -203,7 +204,8 @@ def mutated_state_dicts(draw):
         elif kind == "reshape":
             sd[key] = torch.zeros(draw(small_shapes))
         elif kind == "dtype":
-            sd[key] = torch.zeros(3, 3, dtype=draw(st.sampled_from([torch.int64, torch.bool, torch.float16, torch.uint8])))
+            dtype = draw(st.sampled_from([torch.int64, torch.bool, torch.float16, torch.uint8]))
+            sd[key] = torch.zeros(3, 3, dtype=dtype)
         elif kind == "rename":
             sd[draw(st.text(max_size=30))] = sd.pop(key, torch.zeros(1))
         elif kind == "junk":
