@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .checks import SEED_MAX, InputError, argument, real_number, usable_device, whole_number
+from .checks import SEED_MAX, InputError, argument, cli_type, real_number, usable_device, whole_number
 from .config import PRESETS
 
 
@@ -68,18 +68,12 @@ def _generate(args):
 
 
 def _device(text: str) -> str:
-    try:
-        return str(usable_device(text))
-    except InputError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    return str(usable_device(text))
 
 
 def _layer_list(text: str) -> str:
     from .model import parse_layers
-    try:
-        parse_layers(text, None)  # the syntax now; the numbers against the model's depth once it is loaded
-    except InputError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    parse_layers(text, None)  # the syntax now; the numbers against the model's depth once it is loaded
     return text
 
 
@@ -107,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--t5", required=True, help="T5 encoder: HF folder or single .safetensors")
         p.add_argument("--t5-dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
         p.add_argument("--tokenizer", default=None, help="folder with tokenizer.json or spiece.model")
-        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=_device)
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=cli_type(_device))
 
     p = sub.add_parser("encode", help="T5-encode a prompt into a .safetensors file (embeds, mask)")
     t5_args(p)
@@ -136,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--null-mode", default="prompt_mask", choices=list(NULL_MODES))
     p.add_argument("--seed", type=argument(whole_number, 0, SEED_MAX), default=0, help="0 to 2**64-1")
     p.add_argument("--batch", type=argument(whole_number, 1, MAX_BATCH), default=1)
-    p.add_argument("--kv-layers", default=None, type=_layer_list, help='KV compression layers, e.g. "14-27" or "all"')
+    p.add_argument("--kv-layers", default=None, type=cli_type(_layer_list), help='KV compression layers, e.g. "14-27" or "all"')
     p.add_argument("--kv-ratio", type=argument(whole_number, 1, 8), default=2)
     p.add_argument("--kv-mode", default="avgpool", choices=["avgpool", "conv", "ave", "uniform"])
     p.add_argument("output", help="output .latent file")

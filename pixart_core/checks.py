@@ -81,10 +81,14 @@ def usable_device(device):
     import torch
     try:
         device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"device {str(device)!r} is not a device name; use 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
+    try:
         torch.empty(0, device=device)
-    except (RuntimeError, AssertionError, TypeError, ValueError) as e:
-        raise InputError(f"device {str(device)!r} is not usable here ({str(e).splitlines()[0] if str(e) else e!r}); "
-                         "use 'cpu' or an available accelerator such as 'cuda'") from None
+    except (RuntimeError, AssertionError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"device {str(device)!r} is not usable here ({reason}); use 'cpu' or an available "
+                         "accelerator") from None
     return device
 
 
@@ -121,23 +125,32 @@ def check_fits(what: str, nbytes: int, device="cpu", advice: str = "") -> None:
                          f"has{'; ' + advice if advice else ''}")
 
 
-def argument(check, *args, **kwargs):
-    """An argparse `type=` function: parse the word as a number and apply `check(name, value, ...)`;
-    e.g. ``type=argument(whole_number, 1, 4096)``. The message is argparse's "argument --x: ...".
-    """
-    def parse(text: str):
+def cli_type(parse):
+    """An argparse `type=` from a function of the word that raises InputError: argparse then prints
+    "argument --x: <the message>" and exits with status 2."""
+    def convert(text: str):
         try:
-            value = int(text) if check is not real_number else float(text)
-        except ValueError:
-            try:
-                value = float(text)  # "1e3" for an int option is checked as a whole number
-            except ValueError:
-                kind = "a number" if check is real_number else "a whole number"
-                raise argparse.ArgumentTypeError(f"must be {kind}, got {text!r}") from None
-        try:
-            return check("", value, *args, **kwargs)
+            return parse(text)
         except InputError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
 
-    parse.__name__ = check.__name__  # argparse names the type in "invalid <name> value" messages
-    return parse
+    convert.__name__ = getattr(parse, "__name__", "value")  # argparse names the type in some messages
+    return convert
+
+
+def argument(check, *args, **kwargs):
+    """An argparse `type=` for a number: the word parsed, then `check("", value, *args)`; e.g.
+    ``type=argument(whole_number, 1, 4096)``."""
+    def parse(text: str):
+        try:
+            value = float(text) if check is real_number else int(text)
+        except ValueError:
+            try:
+                value = float(text)  # "1e3" for a whole-number option is checked as one
+            except ValueError:
+                raise InputError(f"must be {'a number' if check is real_number else 'a whole number'}, "
+                                 f"got {text!r}") from None
+        return check("", value, *args, **kwargs)
+
+    parse.__name__ = check.__name__
+    return cli_type(parse)
