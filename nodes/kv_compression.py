@@ -6,7 +6,7 @@ from comfy_api.latest import io
 from ..pixart_core import KVCompress
 from ..pixart_core.model import parse_layers
 from .comfy_model import pixart_config_of, with_kv_compression
-from .common import CATEGORY
+from .common import CATEGORY, check_widgets, queue_check
 from .loaders import KV_MODES
 
 
@@ -37,6 +37,11 @@ class PixArtSuiteKVCompression(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, layers):
+        # the syntax now; the numbers against the depth once the model is known
+        return queue_check(lambda layers: parse_layers(layers, None), layers=layers)
+
+    @classmethod
     def execute(cls, model, layers, ratio, mode) -> io.NodeOutput:
         config = pixart_config_of(model)
         if config is None:
@@ -44,7 +49,6 @@ class PixArtSuiteKVCompression(io.ComfyNode):
                              "(ComfyUI's native PixArt has no compressed attention) - load it with that node")
         if mode not in KV_MODES:
             raise ValueError(f"mode {mode!r} is not one of {', '.join(KV_MODES)}")
-        if not isinstance(ratio, int) or ratio < 1:
-            raise ValueError(f"ratio must be a whole number of at least 1, got {ratio!r}")
+        check_widgets(cls, ratio=ratio)
         kv = KVCompress(parse_layers(layers, config.depth), ratio, mode)
         return io.NodeOutput(with_kv_compression(model, kv))

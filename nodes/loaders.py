@@ -1,7 +1,6 @@
 """Load PixArt-Σ Model and Load T5 Encoder (PixArt): files from ComfyUI's model folders -> MODEL / CLIP."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -11,8 +10,12 @@ from comfy_api.latest import io
 import folder_paths
 
 from ..pixart_core import PRESETS, KVCompress
+from ..pixart_core.checks import InputError
+from ..pixart_core.files import read_json_object
+from ..pixart_core.loading import check_diffusers_config
+from ..pixart_core.hub import RECOMMENDED_MODEL, RECOMMENDED_T5, where_to_get
 from .comfy_model import load_model, pixart_config_of, with_kv_compression
-from .common import CATEGORY, log
+from .common import CATEGORY, log, queue_check
 
 DIFFUSERS_PREFIX = "[diffusers] "  # a diffusers folder (pipeline root or transformer/text_encoder folder)
 FOLDER_PREFIX = "[folder] "  # a Hugging Face model folder inside models/text_encoders
@@ -39,27 +42,40 @@ _register_gguf_folder()
 # what the dropdowns list
 # -------------------------------------------------------------------------------------------------
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _is_pixart_transformer(config_file: Path) -> bool:
-    c = _read_json(config_file)
+def _is_pixart_transformer(c: dict) -> bool:
     return c.get("_class_name") == "PixArtTransformer2DModel" or ("caption_channels" in c and "sample_size" in c
                                                                    and "num_layers" in c)
 
 
-def _is_t5_encoder(config_file: Path) -> bool:
-    c = _read_json(config_file)
-    return c.get("model_type") == "t5" or "T5EncoderModel" in c.get("architectures", [])
+def _is_t5_encoder(c: dict) -> bool:
+    architectures = c.get("architectures")
+    return c.get("model_type") == "t5" or (isinstance(architectures, list) and "T5EncoderModel" in architectures)
 
 
-def _scan(folder_name: str, match) -> list[tuple[str, Path]]:
-    """(relative name, folder) of every folder below the models/<folder_name> roots for which match(folder)."""
+def _verdict(config_files, is_kind, check=None) -> bool | str:
+    """True: a model folder of this kind; False: not one; a string: its config cannot be read (why).
+    Such folders are listed, not hidden, so a workflow naming one gets the reason."""
+    for config_file in config_files:
+        if not config_file.is_file():
+            continue
+        try:
+            config = read_json_object(config_file)
+            if not is_kind(config):
+                continue
+            if check is not None:
+                check(config, config_file)
+        except ValueError as e:
+            return str(e)
+        return True
+    return False
+
+
+_warned: set = set()
+
+
+def _scan(folder_name: str, verdict) -> list[tuple[str, Path, str | None]]:
+    """(relative name, folder, problem or None) of every folder below the models/<folder_name> roots that
+    verdict(folder) accepts (True) or cannot read (a string: the problem)."""
     found = []
     try:
         roots = folder_paths.get_folder_paths(folder_name)
@@ -72,8 +88,13 @@ def _scan(folder_name: str, match) -> list[tuple[str, Path]]:
         for dirpath, dirnames, _ in os.walk(root, followlinks=True):
             here = Path(dirpath)
             depth = len(here.relative_to(root).parts)
-            if depth and match(here):
-                found.append((here.relative_to(root).as_posix(), here))
+            result = verdict(here) if depth else False
+            if result is not False:
+                problem = None if result is True else result
+                found.append((here.relative_to(root).as_posix(), here, problem))
+                if problem and problem not in _warned:
+                    _warned.add(problem)
+                    log.warning("PixArt: %s (listed anyway so a workflow naming it says why)", problem)
                 dirnames[:] = []  # a model folder's subfolders are its parts
                 continue
             if depth >= _SCAN_DEPTH:
@@ -82,18 +103,18 @@ def _scan(folder_name: str, match) -> list[tuple[str, Path]]:
     return sorted(found)
 
 
-def _pixart_diffusers_folders() -> list[tuple[str, Path]]:
-    return _scan("diffusers", lambda d: _is_pixart_transformer(d / "config.json")
-                 or _is_pixart_transformer(d / "transformer" / "config.json"))
+def _pixart_diffusers_folders() -> list[tuple[str, Path, str | None]]:
+    return _scan("diffusers", lambda d: _verdict((d / "config.json", d / "transformer" / "config.json"),
+                                                 _is_pixart_transformer, check_diffusers_config))
 
 
-def _t5_folders() -> list[tuple[str, Path]]:
-    return _scan("text_encoders", lambda d: _is_t5_encoder(d / "config.json")
-                 or _is_t5_encoder(d / "text_encoder" / "config.json"))
+def _t5_folders() -> list[tuple[str, Path, str | None]]:
+    return _scan("text_encoders", lambda d: _verdict((d / "config.json", d / "text_encoder" / "config.json"),
+                                                     _is_t5_encoder))
 
 
-def _t5_diffusers_folders() -> list[tuple[str, Path]]:
-    return _scan("diffusers", lambda d: _is_t5_encoder(d / "text_encoder" / "config.json"))
+def _t5_diffusers_folders() -> list[tuple[str, Path, str | None]]:
+    return _scan("diffusers", lambda d: _verdict((d / "text_encoder" / "config.json",), _is_t5_encoder))
 
 
 def _files(*folder_names: str) -> list[str]:
@@ -108,26 +129,54 @@ def _files(*folder_names: str) -> list[str]:
 
 def pixart_model_choices() -> list[str]:
     """Files in diffusion_models and checkpoints, then PixArt diffusers folders (with DIFFUSERS_PREFIX)."""
-    return _files("diffusion_models", "checkpoints") + [DIFFUSERS_PREFIX + n for n, _ in _pixart_diffusers_folders()]
+    return _files("diffusion_models", "checkpoints") + [DIFFUSERS_PREFIX + n for n, _, _ in _pixart_diffusers_folders()]
 
 
 def t5_choices() -> list[str]:
     """Files in text_encoders (not those inside a listed model folder), then T5 folders."""
     folders = _t5_folders()
-    inside = tuple(n + "/" for n, _ in folders)
+    inside = tuple(n + "/" for n, _, _ in folders)
     files = [f for f in _files("text_encoders", T5_GGUF) if not f.replace(os.sep, "/").startswith(inside)]
-    return (files + [FOLDER_PREFIX + n for n, _ in folders]
-            + [DIFFUSERS_PREFIX + n for n, _ in _t5_diffusers_folders()])
+    return (files + [FOLDER_PREFIX + n for n, _, _ in folders]
+            + [DIFFUSERS_PREFIX + n for n, _, _ in _t5_diffusers_folders()])
 
 
-def _resolve(choice: str, input_name: str, file_folders: tuple[str, ...], prefixed: dict) -> Path:
-    for prefix, listing in prefixed.items():
+def default_choice(choices: list[str], recommended: str) -> str:
+    """The dropdown's default: the recommended file when present or when nothing is, else the first.
+    Always set, so the node library's preview shows a value (not 'undefined') and a new node names
+    the file to get."""
+    return recommended if recommended in choices or not choices else choices[0]
+
+
+def _models_folder(folder: str) -> str:
+    """Where files of this kind go: the registered folder of that name (not a legacy alias like unet/)."""
+    try:
+        paths = folder_paths.get_folder_paths(folder)
+    except KeyError:
+        paths = []
+    named = [p for p in paths if Path(p).name == folder]
+    return (named or paths or [f"models/{folder}"])[0]
+
+
+def resolve_choice(choice: str, input_name: str, file_folders: tuple[str, ...], prefixed: dict | None = None,
+                   blocking_problems: bool = True) -> Path:
+    """The file or folder a loader's dropdown value names, or InputError saying where it belongs and where
+    to get it (hub.where_to_get). Call it from the loader's validate_inputs (through queue_check)
+    and from execute, e.g. ``resolve_choice(name, "control_net_name", ("controlnet",))``.
+    `prefixed` maps a prefix like DIFFUSERS_PREFIX to (scan function, models/ folder) for folder entries;
+    a folder the scan lists with a problem is refused with it unless blocking_problems is False."""
+    if not isinstance(choice, str) or not choice:
+        raise InputError(f"{input_name} is empty; pick a file from the list (press R to refresh it)")
+    for prefix, (listing, folder) in (prefixed or {}).items():
         if choice.startswith(prefix):
             name = choice[len(prefix):]
-            for n, path in listing():
+            for n, path, problem in listing():
                 if n == name:
+                    if problem and blocking_problems:
+                        raise InputError(f"{input_name} {choice!r} cannot be loaded: {problem}")
                     return path
-            raise ValueError(f"{input_name} {choice!r}: no such folder any more; press R to refresh the list")
+            raise InputError(f"{input_name} {choice!r}: there is no such model folder in {_models_folder(folder)}; "
+                             "put it there and press R to refresh the list")
     for folder in file_folders:
         try:
             path = folder_paths.get_full_path(folder, choice)
@@ -135,8 +184,23 @@ def _resolve(choice: str, input_name: str, file_folders: tuple[str, ...], prefix
             path = None
         if path:
             return Path(path)
-    where = ", ".join(f"models/{f}" for f in file_folders)
-    raise ValueError(f"{input_name} {choice!r} is not in {where}; put the file there and press R to refresh the list")
+    where = " or ".join(_models_folder(f) for f in file_folders)
+    source = where_to_get(choice)
+    raise InputError(f"{input_name} {choice!r} is missing: put the file in {where}"
+                     + (f" (download it from {source})" if source else "") + ", then press R to refresh the list")
+
+
+def resolve_pixart_model(ckpt_name: str) -> Path:
+    return resolve_choice(ckpt_name, "ckpt_name", ("diffusion_models", "checkpoints"),
+                          {DIFFUSERS_PREFIX: (_pixart_diffusers_folders, "diffusers")})
+
+
+def resolve_t5(t5_name: str) -> Path:
+    # a T5 folder whose config.json is unreadable still loads (its weights define it): not blocking
+    return resolve_choice(t5_name, "t5_name", ("text_encoders", T5_GGUF),
+                          {FOLDER_PREFIX: (_t5_folders, "text_encoders"),
+                           DIFFUSERS_PREFIX: (_t5_diffusers_folders, "diffusers")},
+                          blocking_problems=False)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -160,6 +224,7 @@ def kv_for_choice(config, choice: str, mode: str) -> KVCompress | None:
 class PixArtSuiteModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
+        choices = pixart_model_choices()
         return io.Schema(
             node_id="PixArtSuiteModelLoader",
             display_name="Load PixArt-Σ Model",
@@ -168,7 +233,7 @@ class PixArtSuiteModelLoader(io.ComfyNode):
                         "official or diffusers layout, or a diffusers folder. Every size is read from the weights. "
                         "Works with stock samplers, LoRA loaders and the PixArt Sampler.",
             inputs=[
-                io.Combo.Input("ckpt_name", options=pixart_model_choices(),
+                io.Combo.Input("ckpt_name", options=choices, default=default_choice(choices, RECOMMENDED_MODEL),
                                tooltip="The PixArt weights: files from models/diffusion_models and models/checkpoints, "
                                        f"and diffusers folders from models/diffusers (listed as '{DIFFUSERS_PREFIX}name')."),
                 io.Combo.Input("preset", options=["auto", *PRESETS], default="auto",
@@ -191,6 +256,10 @@ class PixArtSuiteModelLoader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, ckpt_name):
+        return queue_check(resolve_pixart_model, ckpt_name=ckpt_name)  # all missing files at queue time
+
+    @classmethod
     def execute(cls, ckpt_name, preset, weight_dtype, kv_compression, kv_mode) -> io.NodeOutput:
         if weight_dtype not in WEIGHT_DTYPES:
             raise ValueError(f"weight_dtype {weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
@@ -198,8 +267,7 @@ class PixArtSuiteModelLoader(io.ComfyNode):
             raise ValueError(f"kv_mode {kv_mode!r} is not one of {', '.join(KV_MODES)}")
         if preset != "auto" and preset not in PRESETS:
             raise ValueError(f"preset {preset!r} is not one of auto, {', '.join(PRESETS)}")
-        path = _resolve(ckpt_name, "ckpt_name", ("diffusion_models", "checkpoints"),
-                        {DIFFUSERS_PREFIX: _pixart_diffusers_folders})
+        path = resolve_pixart_model(ckpt_name)
         model = load_model(path, preset, WEIGHT_DTYPES[weight_dtype])  # CheckpointError says what the file is
         kv = kv_for_choice(pixart_config_of(model), kv_compression, kv_mode)
         if kv is not None:
@@ -210,6 +278,7 @@ class PixArtSuiteModelLoader(io.ComfyNode):
 class PixArtSuiteT5Loader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
+        choices = t5_choices()
         return io.Schema(
             node_id="PixArtSuiteT5Loader",
             display_name="Load T5 Encoder (PixArt)",
@@ -218,7 +287,7 @@ class PixArtSuiteT5Loader(io.ComfyNode):
                         "prompts like the official PixArt-Σ code and passes the attention mask on, so both "
                         "CLIPTextEncode and 'T5 Text Encode (PixArt)' give exact PixArt conditioning.",
             inputs=[
-                io.Combo.Input("t5_name", options=t5_choices(),
+                io.Combo.Input("t5_name", options=choices, default=default_choice(choices, RECOMMENDED_T5),
                                tooltip="T5 weights: a .safetensors file in models/text_encoders (fp16, bf16, fp8 and "
                                        "ComfyUI's scaled fp8 work), a T5 .gguf (Q8_0, Q5_K_M, Q4_K_M ...: stays "
                                        f"quantized in memory; needs pip install gguf), a Hugging Face T5 folder ('{FOLDER_PREFIX}name'), "
@@ -234,13 +303,16 @@ class PixArtSuiteT5Loader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, t5_name):
+        return queue_check(resolve_t5, t5_name=t5_name)
+
+    @classmethod
     def execute(cls, t5_name, dtype, device) -> io.NodeOutput:
         from .text_encoder import load_t5_clip
         if dtype not in T5_DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {', '.join(T5_DTYPES)}")
         if device not in T5_DEVICES:
             raise ValueError(f"device {device!r} is not one of {', '.join(T5_DEVICES)}")
-        path = _resolve(t5_name, "t5_name", ("text_encoders", T5_GGUF),
-                        {FOLDER_PREFIX: _t5_folders, DIFFUSERS_PREFIX: _t5_diffusers_folders})
+        path = resolve_t5(t5_name)
         log.info("PixArt: loading T5 from %s", path)
         return io.NodeOutput(load_t5_clip(path, dtype, device))

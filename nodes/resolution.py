@@ -7,8 +7,9 @@ from comfy_api.latest import io
 import comfy.model_management as mm
 
 from ..pixart_core import bins
+from ..pixart_core.checks import check_fits
 from .comfy_model import pixart_config_of
-from .common import CATEGORY, MAX_RESOLUTION
+from .common import CATEGORY, MAX_RESOLUTION, check_widgets
 
 FROM_MODEL = "from model"
 SIZE_CLASSES = (FROM_MODEL, "256", "512", "1024", "2048", "2880", "4096")
@@ -100,10 +101,12 @@ class PixArtSuiteResolution(io.ComfyNode):
             raise ValueError(f"size_class {size_class!r} is not one of {', '.join(SIZE_CLASSES)}")
         if resolution not in bins.BIN_TABLES:
             raise ValueError(f"the model generates at {resolution} px, which has no bin table; choose a size class")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
+        check_widgets(cls, batch_size=batch_size)  # width and height: pick_bin, used only for custom
         h, w = pick_bin(resolution, aspect_ratio, width, height)
-        latent = torch.zeros([batch_size, 4, h // 8, w // 8], device=mm.intermediate_device())
+        device = mm.intermediate_device()
+        check_fits(f"an empty latent of {batch_size} x {w}x{h} px", batch_size * 4 * (h // 8) * (w // 8) * 4, device,
+                   "use a smaller batch_size")
+        latent = torch.zeros([batch_size, 4, h // 8, w // 8], device=device)
         return io.NodeOutput(w, h, {"samples": latent})
 
 
@@ -126,8 +129,7 @@ class PixArtSuiteResizeCrop(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, width, height) -> io.NodeOutput:
-        if width < 1 or height < 1:
-            raise ValueError(f"width and height must be at least 1 px, got {width}x{height}")
+        check_widgets(cls, width=width, height=height)
         if image.ndim != 4:
             raise ValueError(f"image must be a batch of images (B, H, W, C), got shape {tuple(image.shape)}")
         out = bins.resize_and_center_crop(image.movedim(-1, 1), height, width).movedim(1, -1)

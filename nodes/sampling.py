@@ -20,7 +20,8 @@ import latent_preview
 
 from ..pixart_core import samplers as core_samplers
 from ..pixart_core import schedule
-from .common import CATEGORY, check_conditioning, require_pixart
+from ..pixart_core.pipeline import check_sampling_fits
+from .common import CATEGORY, check_conditioning, check_widgets, queue_check, require_pixart
 from .comfy_model import pixart_config_of
 
 log = logging.getLogger("PixArt-Σ")
@@ -36,17 +37,10 @@ _GRID_TOOLTIP = ("Where the steps fall. dpm_time_uniform: the official PixArt-Σ
                  "over the full training range.")
 
 
-def _check_schedule_inputs(step_grid: str, steps: int, denoise: float) -> None:
+def make_sigmas(step_grid: str, steps: int, denoise: float) -> torch.Tensor:
+    """pixart_core's grid (which checks steps and denoise: whole, finite, in range, bounded schedule)."""
     if step_grid not in STEP_GRIDS:
         raise ValueError(f"step_grid {step_grid!r} is not one of {', '.join(STEP_GRIDS)}")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a whole number of at least 1, got {steps!r}")
-    if not 0.0 <= denoise <= 1.0:
-        raise ValueError(f"denoise must be between 0 and 1, got {denoise}")
-
-
-def make_sigmas(step_grid: str, steps: int, denoise: float) -> torch.Tensor:
-    _check_schedule_inputs(step_grid, steps, denoise)
     return schedule.make_sigmas(step_grid, steps, denoise).float().cpu()
 
 
@@ -139,8 +133,13 @@ class PixArtSuiteSampler(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, cfg, denoise):
+        return queue_check(check_widgets, cls, cfg=cfg, denoise=denoise)
+
+    @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, step_grid, null_mask,
                 denoise) -> io.NodeOutput:
+        check_widgets(cls, seed=seed, steps=steps, cfg=cfg, denoise=denoise)
         require_pixart(model)
         check_conditioning(model, positive, "positive")
         check_conditioning(model, negative, "negative")
@@ -156,6 +155,9 @@ class PixArtSuiteSampler(io.ComfyNode):
 
         latent = latent_image.copy()
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+        config = pixart_config_of(model)
+        check_sampling_fits(samples.shape[0], samples.shape[-2], samples.shape[-1], model.load_device,
+                            *((config.hidden_size, config.patch_size) if config else ()))
         latent["samples"] = samples
         if sigmas.numel() == 0:  # denoise 0: nothing to do
             return io.NodeOutput(latent)
@@ -190,9 +192,12 @@ class PixArtSuiteSamplerSelect(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, eta):
+        return queue_check(check_widgets, cls, eta=eta)
+
+    @classmethod
     def execute(cls, sampler_name, eta) -> io.NodeOutput:
-        if eta < 0:
-            raise ValueError(f"eta must be 0 or more, got {eta}")
+        check_widgets(cls, eta=eta)
         return io.NodeOutput(pixart_ksampler(sampler_name, eta))
 
 
@@ -215,6 +220,11 @@ class PixArtSuiteSigmas(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, denoise):
+        return queue_check(check_widgets, cls, denoise=denoise)
+
+    @classmethod
     def execute(cls, model, step_grid, steps, denoise) -> io.NodeOutput:
+        check_widgets(cls, steps=steps, denoise=denoise)
         require_pixart(model)
         return io.NodeOutput(make_sigmas(step_grid, steps, denoise))

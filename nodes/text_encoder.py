@@ -21,8 +21,8 @@ import comfy.model_management as mm
 import comfy.ops
 import comfy.sd
 
-from ..pixart_core.t5 import DEFAULT_MAX_LENGTH, T5LoadError, load_t5
-from .common import CATEGORY, show_text
+from ..pixart_core.t5 import DEFAULT_MAX_LENGTH, T5LoadError, clean_prompt, load_t5
+from .common import CATEGORY, queue_check, show_text
 
 log = logging.getLogger("PixArt-Σ")
 
@@ -190,7 +190,7 @@ class PixArtSuiteT5TextEncode(io.ComfyNode):
             inputs=[
                 io.Clip.Input("clip", tooltip="The T5 from 'Load T5 Encoder (PixArt)' (exact: padded, with mask) or "
                                               "ComfyUI's CLIPLoader with type pixart (unpadded, no mask: close, not exact)."),
-                io.String.Input("text", multiline=True, dynamic_prompts=True,
+                io.String.Input("text", multiline=True, dynamic_prompts=True, default="",
                                 tooltip="The prompt, used as written (no lower-casing, no (word:1.2) weights)."),
                 io.Combo.Input("max_length", options=list(MAX_LENGTHS), default="Σ: 300 tokens",
                                tooltip="T5 tokens the model was trained with: 300 for PixArt-Σ, 120 for PixArt-α. "
@@ -202,7 +202,12 @@ class PixArtSuiteT5TextEncode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, text):
+        return queue_check(clean_prompt, text=text, name="text")
+
+    @classmethod
     def execute(cls, clip, text, max_length) -> io.NodeOutput:
+        text, replaced = clean_prompt(text, "text")
         if max_length not in MAX_LENGTHS:
             raise ValueError(f"max_length {max_length!r} is not one of {', '.join(MAX_LENGTHS)}")
         if clip is None or not hasattr(clip, "tokenize"):
@@ -229,5 +234,9 @@ class PixArtSuiteT5TextEncode(io.ComfyNode):
         else:
             message = f"{used} of {limit} T5 tokens used."
         message += note
+        if replaced:
+            message += (f" {replaced} character(s) that are not valid Unicode text were replaced by U+FFFD; "
+                        "check the prompt's source.")
+            log.warning("T5 Text Encode (PixArt): %d invalid character(s) in the prompt replaced by U+FFFD", replaced)
         show_text(cls, message)
         return io.NodeOutput(conditioning, ui=ui.PreviewText(message))

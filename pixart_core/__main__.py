@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .checks import SEED_MAX, InputError, argument, cli_type, real_number, usable_device, whole_number
 from .config import PRESETS
 from .hub import DownloadError
 
@@ -40,17 +41,25 @@ def _load_t5(args):
 
 def _encode(args):
     from safetensors.torch import save_file
+    from .files import prepare_output, save_result
+    out = prepare_output(args.output, inputs=[args.t5, args.tokenizer])  # before the work, not after
     encoder = _load_t5(args)
     embeds, mask = encoder.encode([args.prompt], max_length=args.max_length)
-    save_file({"embeds": embeds.float().cpu().contiguous(), "mask": mask.cpu().contiguous()}, args.output)
-    print(f"wrote {args.output}: embeds {tuple(embeds.shape)}, {int(mask.sum())} valid tokens"
+    tensors = {"embeds": embeds.float().cpu().contiguous(), "mask": mask.cpu().contiguous()}
+    out = save_result(out, lambda tmp: save_file(tensors, str(tmp)), "embeddings")
+    print(f"wrote {out}: embeds {tuple(embeds.shape)}, {int(mask.sum())} valid tokens"
           + (f", {encoder.last_truncated[0]} tokens truncated" if encoder.last_truncated[0] else ""))
 
 
 def _generate(args):
+    from .files import prepare_output
     from .loading import load_pixart
     from .model import KVCompress, parse_layers
     from .pipeline import Conditioning, generate, save_latents
+    out = prepare_output(args.output, inputs=[args.model, args.t5, args.tokenizer])  # before the work
+    for option, path in (("--model", args.model), ("--t5", args.t5)):
+        if not Path(path).expanduser().exists():  # before minutes of model loading, not after
+            raise InputError(f"{option} {path}: no such file or folder")
     loaded = load_pixart(args.model, preset=args.preset, dtype=args.dtype, device=args.device,
                          compute_dtype=getattr(torch, args.compute_dtype))
     model = loaded.model.eval()
@@ -64,8 +73,8 @@ def _generate(args):
     result = generate(model, prompt, negative, height=args.height, width=args.width, steps=args.steps,
                       guidance=args.guidance, sampler=args.sampler, grid=args.grid, seed=args.seed,
                       batch=args.batch, null_mode=args.null_mode, binning=not args.no_binning, progress_bar=True)
-    save_latents(args.output, result)
-    print(f"wrote {args.output}: {result.width}x{result.height} px latents (requested "
+    out = save_latents(out, result)
+    print(f"wrote {out}: {result.width}x{result.height} px latents (requested "
           f"{result.requested[1]}x{result.requested[0]}), seed {result.seed}")
 
 
@@ -91,10 +100,22 @@ def _download(args):
                  say=lambda line: print(line, flush=True))
 
 
-def main(argv=None) -> int:
+def _device(text: str) -> str:
+    return str(usable_device(text))
+
+
+def _layer_list(text: str) -> str:
+    from .model import parse_layers
+    parse_layers(text, None)  # the syntax now; the numbers against the model's depth once it is loaded
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .loading import DTYPES
     from .samplers import SAMPLERS
-    from .schedule import STEP_GRIDS
-    from .pipeline import NULL_MODES
+    from .schedule import MAX_STEPS, STEP_GRIDS
+    from .pipeline import MAX_BATCH, MAX_GUIDANCE, MAX_REQUESTED_SIDE, NULL_MODES
+    from .t5 import MAX_TOKENS
     parser = argparse.ArgumentParser(prog="python -m pixart_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -123,12 +144,13 @@ def main(argv=None) -> int:
         p.add_argument("--t5", required=True, help="T5 encoder: HF folder or single .safetensors")
         p.add_argument("--t5-dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
         p.add_argument("--tokenizer", default=None, help="folder with tokenizer.json or spiece.model")
-        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=cli_type(_device))
 
     p = sub.add_parser("encode", help="T5-encode a prompt into a .safetensors file (embeds, mask)")
     t5_args(p)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-length", type=int, default=300, help="300 for Σ, 120 for α")
+    p.add_argument("--max-length", type=argument(whole_number, 1, MAX_TOKENS), default=300,
+                   help="300 for Σ, 120 for α")
     p.add_argument("output")
     p.set_defaults(run=_encode)
 
@@ -136,22 +158,23 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True, help="PixArt checkpoint (.pth, .safetensors, diffusers folder)")
     t5_args(p)
     p.add_argument("--preset", default="auto", choices=["auto", *PRESETS])
-    p.add_argument("--dtype", default=None, help="weight storage dtype (fp32, bf16, fp16, fp8_e4m3fn)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="weight storage dtype (default: the file's)")
     p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative", default="")
-    p.add_argument("--height", type=int, default=None, help="default: the model's resolution")
-    p.add_argument("--width", type=int, default=None)
+    side = argument(whole_number, 1, MAX_REQUESTED_SIDE)
+    p.add_argument("--height", type=side, default=None, help="default: the model's resolution")
+    p.add_argument("--width", type=side, default=None)
     p.add_argument("--no-binning", action="store_true", help="generate at exactly height x width")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=4.5)
+    p.add_argument("--steps", type=argument(whole_number, 1, MAX_STEPS), default=20)
+    p.add_argument("--guidance", type=argument(real_number, 0.0, MAX_GUIDANCE), default=4.5)
     p.add_argument("--sampler", default="dpmpp_2m", choices=list(SAMPLERS))
     p.add_argument("--grid", default="dpm_time_uniform", choices=list(STEP_GRIDS))
     p.add_argument("--null-mode", default="prompt_mask", choices=list(NULL_MODES))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--kv-layers", default=None, help='KV compression layers, e.g. "14-27" or "all"')
-    p.add_argument("--kv-ratio", type=int, default=2)
+    p.add_argument("--seed", type=argument(whole_number, 0, SEED_MAX), default=0, help="0 to 2**64-1")
+    p.add_argument("--batch", type=argument(whole_number, 1, MAX_BATCH), default=1)
+    p.add_argument("--kv-layers", default=None, type=cli_type(_layer_list), help='KV compression layers, e.g. "14-27" or "all"')
+    p.add_argument("--kv-ratio", type=argument(whole_number, 1, 8), default=2)
     p.add_argument("--kv-mode", default="avgpool", choices=["avgpool", "conv", "ave", "uniform"])
     p.add_argument("output", help="output .latent file")
     p.set_defaults(run=_generate)
@@ -168,11 +191,15 @@ def main(argv=None) -> int:
     p.add_argument("--list", action="store_true", help="list the known files and sets (no network)")
     p.set_defaults(run=_download)
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError) as e:  # our errors are one sentence a user can act on
+    except (ValueError, OSError) as e:  # our errors (InputError...) are one sentence a user can act on
         print(f"error: {e}", file=sys.stderr)
         return 2
     except DownloadError as e:

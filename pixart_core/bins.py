@@ -10,6 +10,9 @@ import numbers
 import torch
 import torch.nn.functional as F
 
+from . import checks
+from .checks import InputError
+
 # The 256 table; 512/1024/2048 are 2/4/8 times it, key for key.
 ASPECT_RATIO_256 = {
     "0.25": (128, 512), "0.26": (128, 496), "0.27": (128, 480), "0.28": (128, 464),
@@ -82,17 +85,17 @@ def get_table(resolution: int, table: str = "full") -> dict:
     """The bin table for a base resolution; table="test" picks the reduced inference set."""
     tables = {"full": BIN_TABLES, "test": TEST_BIN_TABLES}.get(table)
     if tables is None:
-        raise ValueError(f"table must be 'full' or 'test', got {table!r}")
+        raise InputError(f"table must be 'full' or 'test', got {table!r}")
     if resolution not in tables:
-        raise ValueError(f"no {table} aspect-ratio table for resolution {resolution}; "
+        raise InputError(f"no {table} aspect-ratio table for resolution {resolution}; "
                          f"available: {sorted(tables)}")
     return tables[resolution]
 
 
 def nearest_bin(height: int, width: int, resolution: int, table: str = "full") -> tuple[int, int]:
     """(bin_h, bin_w) whose ratio key is closest to height/width (diffusers' classify_height_width_bin)."""
-    if height <= 0 or width <= 0:
-        raise ValueError(f"height and width must be positive, got {height}x{width}")
+    if checks.real_number("height", height) <= 0 or checks.real_number("width", width) <= 0:
+        raise InputError(f"height and width must be positive, got {height}x{width}")
     bins = get_table(resolution, table)
     ar = float(height / width)
     # min() keeps the first of equal candidates, which is diffusers' tie rule (dict order).
@@ -102,12 +105,19 @@ def nearest_bin(height: int, width: int, resolution: int, table: str = "full") -
 
 def resize_and_center_crop(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Scale (B, C, H, W) to cover height x width, then centre-crop (diffusers' resize_and_crop_tensor)."""
+    height, width = checks.whole_number("height", height, 1), checks.whole_number("width", width, 1)
+    if images.ndim != 4 or 0 in images.shape:
+        raise InputError(f"images must be a non-empty batch (B, C, H, W), got shape {tuple(images.shape)}")
     h, w = images.shape[-2:]
     if (h, w) == (height, width):
         return images
     ratio = max(height / h, width / w)
     # int() truncates like diffusers; max() guards the rare case where h * (height / h) rounds below height.
     new_h, new_w = max(int(h * ratio), height), max(int(w * ratio), width)
+    scaled_bytes = images.shape[0] * images.shape[1] * new_h * new_w * images.element_size()
+    checks.check_fits(f"covering {width}x{height} px from {w}x{h} px images (scaled to {new_w}x{new_h} before "
+                      "the crop)", scaled_bytes, images.device,
+                      "crop the images closer to the wanted aspect ratio first")
     images = F.interpolate(images, size=(new_h, new_w), mode="bilinear", align_corners=False)
     top, left = (new_h - height) // 2, (new_w - width) // 2
     return images[..., top:top + height, left:left + width]
@@ -122,14 +132,14 @@ def check_size(height: int, width: int, max_side: int = 4096, allow_larger: bool
     """Validate an image size in pixels: positive, a multiple of 16 (VAE /8, patch 2), at most max_side."""
     for name, v in (("height", height), ("width", width)):
         if not isinstance(v, numbers.Integral) or isinstance(v, bool):
-            raise ValueError(f"{name} must be an integer number of pixels, got {v!r}")
+            raise InputError(f"{name} must be an integer number of pixels, got {v!r}")
         if v <= 0:
-            raise ValueError(f"{name} must be positive, got {v}; use a multiple of 16 such as 16, 512 or 1024")
+            raise InputError(f"{name} must be positive, got {v}; use a multiple of 16 such as 16, 512 or 1024")
         if v % 16:
-            raise ValueError(f"{name} {v} is not a multiple of 16 (8 for the VAE x 2 for the patch); "
+            raise InputError(f"{name} {v} is not a multiple of 16 (8 for the VAE x 2 for the patch); "
                              f"use {_nearest_multiples(v)}")
         if v > max_side and not allow_larger:
-            raise ValueError(f"{name} {v} is larger than the maximum side {max_side}; use at most {max_side}, "
+            raise InputError(f"{name} {v} is larger than the maximum side {max_side}; use at most {max_side}, "
                              f"or pass allow_larger=True to go beyond it")
     return int(height), int(width)
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .checks import InputError
+
 KV_COMPRESS_MODES = ("conv", "ave", "uniform", "avgpool")
 
 
@@ -32,17 +34,26 @@ class PixArtConfig:
     family: str = "sigma"  # "sigma" (SDXL VAE) or "alpha" (SD1.5 VAE)
 
     def __post_init__(self):
+        for name in ("depth", "hidden_size", "num_heads", "patch_size", "in_channels", "out_channels",
+                     "caption_channels", "model_max_length", "sample_size", "kv_compress_ratio", "resolution"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"{name} must be a whole number of at least 1, got {v!r}")
+        for name in ("mlp_ratio", "pe_interpolation"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+                raise InputError(f"{name} must be a positive finite number, got {v!r}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            raise InputError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.micro_condition and self.hidden_size % 3:
-            raise ValueError(f"micro-conditioning needs hidden_size divisible by 3, got {self.hidden_size}")
+            raise InputError(f"micro-conditioning needs hidden_size divisible by 3, got {self.hidden_size}")
         if self.kv_compress_mode not in KV_COMPRESS_MODES:
-            raise ValueError(f"kv_compress_mode must be one of {KV_COMPRESS_MODES}, got {self.kv_compress_mode!r}")
+            raise InputError(f"kv_compress_mode must be one of {KV_COMPRESS_MODES}, got {self.kv_compress_mode!r}")
         if self.kv_compress_ratio < 1:
-            raise ValueError(f"kv_compress_ratio must be >= 1, got {self.kv_compress_ratio}")
+            raise InputError(f"kv_compress_ratio must be >= 1, got {self.kv_compress_ratio}")
         bad = [i for i in self.kv_compress_layers if not 0 <= i < self.depth]
         if bad:
-            raise ValueError(f"kv_compress_layers {bad} are outside 0..{self.depth - 1}")
+            raise InputError(f"kv_compress_layers {bad} are outside 0..{self.depth - 1}")
         object.__setattr__(self, "kv_compress_layers", tuple(sorted(set(self.kv_compress_layers))))
 
     @property
@@ -71,7 +82,7 @@ class PixArtConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(f"unknown PixArtConfig fields {sorted(unknown)}")
+            raise InputError(f"unknown PixArtConfig fields {sorted(unknown)}")
         d = dict(d)
         if "kv_compress_layers" in d:
             d["kv_compress_layers"] = tuple(d["kv_compress_layers"])
@@ -104,7 +115,7 @@ def preset(name: str) -> PixArtConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown PixArt preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+        raise InputError(f"unknown PixArt preset {name!r}; choose one of {', '.join(PRESETS)}") from None
 
 
 def tiny(**changes) -> PixArtConfig:

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import InputError
+
 T5_ARCHITECTURES = ("t5encoder", "t5")
 INSTALL_HINT = "pip install gguf"
 _FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -39,7 +41,7 @@ _TOP = {"token_embd": "shared", "enc.output_norm": "encoder.final_layer_norm"}
 _IGNORED = re.compile(r"^(dec\.|output\.weight$)")  # the decoder and LM head of a full T5 file
 
 
-class GGUFError(ValueError):
+class GGUFError(InputError):
     """A GGUF file that cannot be used as PixArt's T5."""
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,30 @@ SETS: dict[str, tuple[str, ...]] = {
     "alpha-512": ("PixArt-XL-2-512x512.pth", _ALPHA_VAE),
     "alpha-1024": ("PixArt-XL-2-1024-MS.pth", _ALPHA_VAE),
 }
+
+
+# the file each loader suggests (its dropdown's default) when the user has none of that kind
+RECOMMENDED_MODEL = "PixArt-Sigma-XL-2-1024-MS.pth"
+RECOMMENDED_T5 = T5["fp16"]
+# (file-name pattern, repository) for names outside FILES: converted copies and other variants
+_FAMILIES = (
+    (r"PixArt-Sigma-XL-2-.*\.(pth|safetensors)", "PixArt-alpha/PixArt-Sigma"),
+    (r"PixArt-XL-2-.*-ControlNet\.(pth|safetensors)", "PixArt-alpha/PixArt-ControlNet"),
+    (r"PixArt-XL-2-.*\.(pth|safetensors)", "PixArt-alpha/PixArt-alpha"),
+    (r"t5xxl_.*\.safetensors", "comfyanonymous/flux_text_encoders"),
+)
+
+
+def where_to_get(name: str) -> str | None:
+    """The Hub page to download a file of this name from (for messages about missing files), or None
+    for a name this pack does not know."""
+    base = str(name).replace("\\", "/").rsplit("/", 1)[-1]
+    if base in FILES:
+        return f"{HUB}/{FILES[base].repo}"
+    for pattern, repo in _FAMILIES:
+        if re.fullmatch(pattern, base):
+            return f"{HUB}/{repo}"
+    return None
 
 
 def resolve(items: Iterable[str], t5: str = "fp16") -> list[HubFile]:

@@ -10,15 +10,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from . import checks
+from .checks import InputError
 from .config import PRESETS, PixArtConfig
+from .files import config_fields, prepare_output, read_json_object, save_result, torch_load, unreadable
 from .model import PixArt
 
 log = logging.getLogger(__name__)
@@ -32,19 +33,13 @@ DTYPES = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be used, with a message that names the file and what would work."""
 
 
 # -------------------------------------------------------------------------------------------------
 # reading files
 # -------------------------------------------------------------------------------------------------
-
-def _truncated(path: Path, err: Exception) -> CheckpointError:
-    size = path.stat().st_size if path.exists() else 0
-    return CheckpointError(f"{path}: cannot read this file ({type(err).__name__}: {err}); it is {size:,} bytes and "
-                           "looks truncated or corrupt - download it again")
-
 
 def read_safetensors(path: Path) -> tuple[dict, dict]:
     from safetensors import SafetensorError, safe_open
@@ -53,19 +48,12 @@ def read_safetensors(path: Path) -> tuple[dict, dict]:
             meta = f.metadata() or {}
             return {k: f.get_tensor(k) for k in f.keys()}, meta
     except (SafetensorError, OSError, RuntimeError) as e:
-        raise _truncated(path, e) from None
+        raise unreadable(path, e, CheckpointError) from None
 
 
 def read_pth(path: Path) -> dict:
     """The official container, loaded with weights_only=True (a checkpoint must not run code)."""
-    mmap = zipfile.is_zipfile(path)  # torch.save's zip container can be memory-mapped; legacy files cannot
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # noqa: BLE001 - torch raises many types here; all mean "unusable file"
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise CheckpointError(f"{path}: refused - the file contains Python objects, not just tensors, and "
-                                  "loading it could run code; convert it to .safetensors with a trusted tool") from None
-        raise _truncated(path, e) from None
+    obj = torch_load(path, CheckpointError)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -81,11 +69,10 @@ def read_diffusers_folder(folder: Path) -> tuple[dict, dict]:
     if not cfg_path.exists():
         raise CheckpointError(f"{folder}: no config.json - expected a diffusers PixArt transformer folder "
                               "(config.json + diffusion_pytorch_model.safetensors) or a pipeline root with transformer/")
-    config = json.loads(cfg_path.read_text())
+    config = read_diffusers_config(cfg_path)
     index = folder / "diffusion_pytorch_model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [folder / s for s in shards]
+        files = [folder / s for s in _index_shards(index)]
     else:
         files = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
     if not files:
@@ -96,6 +83,40 @@ def read_diffusers_folder(folder: Path) -> tuple[dict, dict]:
             raise CheckpointError(f"{folder}: shard {f.name} named in the index is missing")
         sd.update(read_safetensors(f)[0])
     return sd, config
+
+
+# config.json fields the loader reads, and what each must be
+_DIFFUSERS_FIELDS = {
+    "num_attention_heads": (checks.whole_number, 1, "e.g. 16"),
+    "sample_size": (checks.whole_number, 1, "e.g. 128 for 1024-px models"),
+    "interpolation_scale": (checks.real_number, 1e-6, "e.g. 2.0 for 1024-px models"),
+    "num_layers": (checks.whole_number, 1, "e.g. 28"),
+    "caption_channels": (checks.whole_number, 1, "e.g. 4096"),
+}
+
+
+def read_diffusers_config(cfg_path) -> dict:
+    """A diffusers transformer config.json, its fields that the loader uses checked; every message names
+    the file and the field."""
+    return check_diffusers_config(read_json_object(cfg_path, CheckpointError), cfg_path)
+
+
+def check_diffusers_config(config: dict, cfg_path) -> dict:
+    """The config with the fields the loader reads checked (and JSON numbers like 128.0 made ints)."""
+    return {**config, **config_fields(config, cfg_path, _DIFFUSERS_FIELDS, CheckpointError)}
+
+
+def _index_shards(index: Path) -> list[str]:
+    weight_map = read_json_object(index, CheckpointError).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: field weight_map must map tensor names to shard file names; "
+                              "fix the file or download it again")
+    shards = sorted(set(weight_map.values()))
+    outside = [s for s in shards if Path(s).name != s or s in ("", ".", "..")]
+    if outside:
+        raise CheckpointError(f"{index}: field weight_map names {outside[0]!r}, which is not a file in this "
+                              "folder; an index only names the shards beside it")
+    return shards
 
 
 @dataclass
@@ -224,6 +245,9 @@ def official_to_diffusers(sd: dict, path="") -> dict:
             for src, parts in _FUSED:
                 m = _pattern(src).match(key)
                 if m:
+                    if value.ndim == 0 or value.shape[0] % len(parts):
+                        raise CheckpointError(f"{path}: {key} has shape {tuple(value.shape)}, which does not split "
+                                              f"into {len(parts)} equal projections - the file is corrupt")
                     for part, chunk in zip(parts, value.chunk(len(parts), dim=0)):
                         out[part.replace("{i}", m.group(1)) + key[m.end():]] = chunk.clone()
                     break
@@ -262,6 +286,9 @@ def diffusers_to_official(sd: dict, path="") -> dict:
         if any(p is None for p in pieces):
             raise CheckpointError(f"{path}: incomplete attention projection for {fused} (have {sum(p is not None for p in pieces)}"
                                   f" of {len(pieces)} parts) - the file is missing keys")
+        if pieces[0].ndim == 0 or len({(p.ndim, tuple(p.shape[1:])) for p in pieces}) > 1:
+            raise CheckpointError(f"{path}: the parts of {fused} have shapes {[tuple(p.shape) for p in pieces]}, "
+                                  "which do not fit together - the file is corrupt")
         out[fused] = torch.cat(pieces, dim=0)
     if unknown:
         raise CheckpointError(f"{path}: {len(unknown)} keys are not part of a diffusers PixArt transformer, e.g. {sorted(unknown)[:5]}")
@@ -302,7 +329,11 @@ def detect_config(raw: RawCheckpoint, **overrides) -> tuple[PixArtConfig, dict]:
     sd, dc = raw.state_dict, raw.diffusers_config or {}
     src = {}
     if CONFIG_METADATA_KEY in raw.metadata:
-        base = PixArtConfig.from_dict(json.loads(raw.metadata[CONFIG_METADATA_KEY]))
+        try:
+            base = PixArtConfig.from_dict(json.loads(raw.metadata[CONFIG_METADATA_KEY]))
+        except (ValueError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{raw.path}: its metadata {CONFIG_METADATA_KEY!r} is not a valid PixArt "
+                                  f"configuration ({e}); convert the file again or remove that metadata") from None
         values = base.to_dict()
         src = {k: "file metadata" for k in values}
     else:
@@ -312,18 +343,28 @@ def detect_config(raw: RawCheckpoint, **overrides) -> tuple[PixArtConfig, dict]:
         if value is not None and name not in values:
             values[name], src[name] = value, origin
 
-    try:
-        w = sd["x_embedder.proj.weight"]  # (D, C_in, p, p)
-        D, c_in, p = w.shape[0], w.shape[1], w.shape[2]
-        put("hidden_size", D, "weights")
-        put("in_channels", c_in, "weights")
-        put("patch_size", p, "weights")
-        put("caption_channels", sd["y_embedder.y_proj.fc1.weight"].shape[1], "weights")
-        put("out_channels", sd["final_layer.linear.weight"].shape[0] // (p * p), "weights")
-        put("mlp_ratio", sd["blocks.0.mlp.fc1.weight"].shape[0] / D, "weights")
-    except KeyError as e:
-        raise CheckpointError(f"{raw.path}: missing key {e.args[0]} - the file is incomplete or not a PixArt model") from None
-    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    def shape(key, ndim):
+        if key not in sd:
+            raise CheckpointError(f"{raw.path}: missing key {key} - the file is incomplete or not a PixArt model")
+        v = sd[key]
+        if v.ndim != ndim or 0 in v.shape:
+            raise CheckpointError(f"{raw.path}: {key} has shape {tuple(v.shape)}, but in a PixArt model it is a "
+                                  f"non-empty {ndim}-D tensor - the file is corrupt or not a PixArt model")
+        return v.shape
+
+    D, c_in, p, _ = shape("x_embedder.proj.weight", 4)  # (D, C_in, p, p)
+    put("hidden_size", D, "weights")
+    put("in_channels", c_in, "weights")
+    put("patch_size", p, "weights")
+    put("caption_channels", shape("y_embedder.y_proj.fc1.weight", 2)[1], "weights")
+    put("out_channels", shape("final_layer.linear.weight", 2)[0] // (p * p), "weights")
+    put("mlp_ratio", shape("blocks.0.mlp.fc1.weight", 2)[0] / D, "weights")
+    blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d{1,6})\.", k))}
+    depth = max(blocks) + 1  # blocks.0 exists (checked above)
+    if len(blocks) != depth:  # also what keeps a forged index like blocks.999999 from building a huge model
+        gap = min(set(range(depth)) - blocks)
+        raise CheckpointError(f"{raw.path}: has blocks up to {depth - 1} but no block {gap} - the file is "
+                              "incomplete or corrupt; download it again")
     put("depth", depth, "weights")
     if dc.get("num_attention_heads"):
         put("num_heads", dc["num_attention_heads"], "diffusers config")
@@ -332,19 +373,19 @@ def detect_config(raw: RawCheckpoint, **overrides) -> tuple[PixArtConfig, dict]:
     micro = "csize_embedder.mlp.0.weight" in sd
     put("micro_condition", micro, "weights")
     put("qk_norm", "blocks.0.attn.q_norm.weight" in sd, "weights")
-    kv_layers = sorted(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.attn\.sr\.weight$", k)))
+    kv_layers = sorted(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d{1,6})\.attn\.sr\.weight$", k)))
     if kv_layers:
         put("kv_compress_layers", tuple(kv_layers), "weights")
-        put("kv_compress_ratio", sd[f"blocks.{kv_layers[0]}.attn.sr.weight"].shape[-1], "weights")
+        put("kv_compress_ratio", shape(f"blocks.{kv_layers[0]}.attn.sr.weight", 4)[-1], "weights")
         put("kv_compress_mode", "conv", "weights")
     if "y_embedder.y_embedding" in sd:
-        put("model_max_length", sd["y_embedder.y_embedding"].shape[0], "weights (y_embedding)")
+        put("model_max_length", shape("y_embedder.y_embedding", 2)[0], "weights (y_embedding)")
     elif micro:
         put("model_max_length", 120, "micro-conditioning means PixArt-α")
     alpha = micro or values.get("model_max_length") == 120
     put("family", "alpha" if alpha else "sigma", "caption length / micro-conditioning")
     if "pos_embed" in sd:
-        side = math.isqrt(sd["pos_embed"].shape[1]) * values["patch_size"]
+        side = math.isqrt(shape("pos_embed", 3)[1]) * values["patch_size"]
         put("sample_size", side, "weights (pos_embed)")
     if dc.get("sample_size"):
         put("sample_size", dc["sample_size"], "diffusers config")
@@ -448,6 +489,7 @@ class LoadedPixArt:
 def load_pixart(path, preset: str | None = None, dtype=None, compute_dtype=None, device="cpu", operations=None,
                 **overrides) -> LoadedPixArt:
     """Load any supported PixArt checkpoint. preset None/'auto' detects the configuration."""
+    device = checks.usable_device(device)
     raw = read_checkpoint(path)
     if preset in (None, "auto"):
         config, sources = detect_config(raw, **overrides)
@@ -473,35 +515,47 @@ def parse_dtype(name: str | None):
 # writing
 # -------------------------------------------------------------------------------------------------
 
-def save_checkpoint(sd: dict, config: PixArtConfig, out, layout: str = "official") -> Path:
-    """Write an official-layout state dict as `.pth` (official container), `.safetensors`
-    (official or diffusers layout) or a diffusers folder (a path without a suffix)."""
+DIFFUSERS_FILES = ("config.json", "diffusion_pytorch_model.safetensors")  # what a folder output holds
+
+
+def check_output(out, layout: str = "official", inputs=()) -> Path:
+    """Refuse a checkpoint destination that cannot work, before any work: see files.prepare_output."""
     out = Path(out)
+    if out.suffix not in ("", ".pth", ".safetensors"):
+        raise CheckpointError(f"{out}: unknown output type {out.suffix!r}; use .pth, .safetensors or a folder name")
+    if out.suffix == ".pth" and layout != "official":
+        raise CheckpointError(f"{out}: .pth files are written in the official layout only")
+    return prepare_output(out, inputs, None if out.suffix else DIFFUSERS_FILES)
+
+
+def save_checkpoint(sd: dict, config: PixArtConfig, out, layout: str = "official", inputs=()) -> Path:
+    """Write an official-layout state dict as `.pth` (official container), `.safetensors`
+    (official or diffusers layout) or a diffusers folder (a path without a suffix). Each file is
+    written atomically; `inputs` (files being read) are never overwritten."""
+    out = check_output(out, layout, inputs)
     sd = {k: v.contiguous() for k, v in sd.items() if k not in IGNORED_KEYS}
     if out.suffix == ".pth":
-        if layout != "official":
-            raise CheckpointError(f"{out}: .pth files are written in the official layout only")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": sd}, out)
+        save_result(out, lambda tmp: torch.save({"state_dict": sd}, tmp), "checkpoint", rescue=False)
         return out
     from safetensors.torch import save_file
     meta = {CONFIG_METADATA_KEY: json.dumps(config.to_dict())}
     if out.suffix == ".safetensors":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_file(official_to_diffusers(sd, out) if layout == "diffusers" else sd, str(out), metadata=meta)
+        tensors = official_to_diffusers(sd, out) if layout == "diffusers" else sd
+        save_result(out, lambda tmp: save_file(tensors, str(tmp), metadata=meta), "checkpoint", rescue=False)
         return out
-    if out.suffix:
-        raise CheckpointError(f"{out}: unknown output type {out.suffix!r}; use .pth, .safetensors or a folder name")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(diffusers_config(config), indent=2))
-    save_file(official_to_diffusers(sd, out), str(out / "diffusion_pytorch_model.safetensors"), metadata=meta)
+    tensors = official_to_diffusers(sd, out)
+    config_json = json.dumps(diffusers_config(config), indent=2)
+    save_result(out / DIFFUSERS_FILES[0], lambda tmp: tmp.write_text(config_json), "config", rescue=False)
+    save_result(out / DIFFUSERS_FILES[1], lambda tmp: save_file(tensors, str(tmp), metadata=meta), "checkpoint",
+                rescue=False)
     return out
 
 
 def convert(src, out, layout: str = "official", **overrides) -> Path:
+    check_output(out, layout, inputs=[src])  # before reading: a refused output costs nothing
     raw = read_checkpoint(src)
     config, _ = detect_config(raw, **overrides)
-    return save_checkpoint(raw.state_dict, config, out, layout)
+    return save_checkpoint(raw.state_dict, config, out, layout, inputs=[src])
 
 
 def describe(path, **overrides) -> str:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from .checks import InputError
 from .loading import _FUSED, _RENAMES  # the checkpoint converter's names: one mapping for weights and LoRAs
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ _OTHER_MODELS = (
 )
 
 
-class LoraError(ValueError):
+class LoraError(InputError):
     """A LoRA file that cannot be used on PixArt, with a one-sentence reason."""
 
 
@@ -498,13 +499,14 @@ def lora_delta(tensors: dict, strength: float = 1.0) -> torch.Tensor:
 
 def save_converted(lora: LoraFile, out) -> Path:
     from safetensors.torch import save_file
+    from .files import prepare_output, save_result
     out = Path(out)
     if out.suffix != ".safetensors":
         raise LoraError(f"{out}: write the converted LoRA as .safetensors")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = prepare_output(out, inputs=[lora.path])
     sd = {k: v.detach().clone().contiguous() for k, v in lora.state_dict.items()}  # split parts share their down
-    save_file(sd, str(out), metadata={"pixart_lora_source": ", ".join(lora.formats)})
-    return out
+    meta = {"pixart_lora_source": ", ".join(lora.formats)}
+    return save_result(out, lambda tmp: save_file(sd, str(tmp), metadata=meta), "LoRA", rescue=False)
 
 
 def describe(lora: LoraFile) -> str:

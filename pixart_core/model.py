@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import InputError
 from .config import KV_COMPRESS_MODES, PixArtConfig
 from .ops import CastOps, gemm_dtype, linear_params
 
@@ -163,9 +164,9 @@ class KVCompress:
 
     def __post_init__(self):
         if self.mode not in KV_COMPRESS_MODES:
-            raise ValueError(f"KV compression mode must be one of {KV_COMPRESS_MODES}, got {self.mode!r}")
+            raise InputError(f"KV compression mode must be one of {KV_COMPRESS_MODES}, got {self.mode!r}")
         if self.ratio < 1:
-            raise ValueError(f"KV compression ratio must be >= 1, got {self.ratio}")
+            raise InputError(f"KV compression ratio must be >= 1, got {self.ratio}")
 
     @classmethod
     def from_config(cls, config: PixArtConfig) -> "KVCompress":
@@ -176,30 +177,46 @@ class KVCompress:
 
 
 _LAYER_ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+MAX_LAYER_TEXT = 1000  # characters of a layer list; a 28-block model needs at most about 80
 
 
-def parse_layers(text: str, depth: int) -> tuple[int, ...]:
-    """'14-27', '0,2,5-9', 'all' or 'none' -> sorted layer indices, checked against the model's depth."""
-    spec = (text or "").strip().lower()
+def parse_layers(text: str, depth: int | None) -> tuple[int, ...]:
+    """'14-27', '0,2,5-9', 'all' or 'none' -> sorted layer indices, checked against the model's depth.
+
+    Every number is checked before any range is built, so no text can make this allocate more than
+    `depth` entries. depth None checks the syntax only (returns ()), as ComfyUI's queue-time check does.
+    """
+    if not isinstance(text, str):
+        raise InputError(f"layers must be text such as 14-27, got {type(text).__name__}")
+    spec = text.strip().lower()
+    if len(spec) > MAX_LAYER_TEXT:
+        raise InputError(f"layers is {len(spec):,} characters long; a layer list is short, like 14-27 or "
+                         "0,2,5-9 (or all)")
     if spec == "all":
-        return tuple(range(depth))
+        return tuple(range(depth or 0))
     if spec in ("", "none", "off"):
         return ()
-    layers = set()
+    ranges = []
     for part in spec.split(","):
         m = _LAYER_ITEM.match(part)
         if m is None:
-            raise ValueError(f"layers {text!r} is not a layer list; write numbers and ranges like 14-27 or 0,2,5-9, "
+            raise InputError(f"layers {text!r} is not a layer list; write numbers and ranges like 14-27 or 0,2,5-9, "
                              "or all")
-        lo, hi = int(m.group(1)), int(m.group(2) if m.group(2) is not None else m.group(1))
+        lo_digits, hi_digits = m.group(1), m.group(2) or m.group(1)
+        if max(len(lo_digits), len(hi_digits)) > 6:  # no model has a million blocks: stop before int()
+            big = hi_digits if len(hi_digits) > 6 else lo_digits
+            raise InputError(f"layers names layer {big[:9]}..., which no model has; use numbers like 14-27"
+                             + (f" up to {depth - 1}" if depth else "") + ", or all")
+        lo, hi = int(lo_digits), int(hi_digits)
         if hi < lo:
-            raise ValueError(f"layers {text!r} has the range {lo}-{hi}, which runs backwards; write it as {hi}-{lo}")
-        layers.update(range(lo, hi + 1))
-    bad = sorted(i for i in layers if i >= depth)
-    if bad:
-        raise ValueError(f"layers {text!r} names layer {bad[0]}, but this model has layers 0-{depth - 1}; "
-                         f"use numbers up to {depth - 1} or all")
-    return tuple(sorted(layers))
+            raise InputError(f"layers {text!r} has the range {lo}-{hi}, which runs backwards; write it as {hi}-{lo}")
+        if depth is not None and hi >= depth:
+            raise InputError(f"layers {text!r} names layer {hi}, but this model has layers 0-{depth - 1}; "
+                             f"use numbers up to {depth - 1} or all")
+        ranges.append((lo, hi))
+    if depth is None:
+        return ()
+    return tuple(sorted({i for lo, hi in ranges for i in range(lo, hi + 1)}))
 
 
 def compress_tokens(t, hw, ratio, mode, sr=None, norm=None):
@@ -214,7 +231,7 @@ def compress_tokens(t, hw, ratio, mode, sr=None, norm=None):
     B, N, D = t.shape
     h, w = hw
     if h < ratio or w < ratio:
-        raise ValueError(f"KV compression ratio {ratio} needs a token grid of at least {ratio}x{ratio}, got {h}x{w}")
+        raise InputError(f"KV compression ratio {ratio} needs a token grid of at least {ratio}x{ratio}, got {h}x{w}")
     grid = t.transpose(1, 2).reshape(B, D, h, w)  # (B, D, h, w)
     if mode == "conv":
         grid = sr(grid) if sr is not None else F.avg_pool2d(grid, ratio)
@@ -225,7 +242,7 @@ def compress_tokens(t, hw, ratio, mode, sr=None, norm=None):
     elif mode == "uniform":
         grid = grid[:, :, ::ratio, ::ratio]
     else:
-        raise ValueError(f"unknown KV compression mode {mode!r}")
+        raise InputError(f"unknown KV compression mode {mode!r}")
     t = grid.flatten(2).transpose(1, 2)  # (B, N', D)
     if mode == "conv":
         t = norm(t) if norm is not None else F.layer_norm(t, (D,), eps=1e-5)

@@ -8,16 +8,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from . import bins, schedule
+from . import bins, checks, schedule
+from .checks import InputError
+from .files import save_result
 from .model import PixArt
 from .samplers import SAMPLERS, PixArtDenoiser
 
 LATENT_SCALE = {"sigma": 0.13025, "alpha": 0.18215}  # SDXL VAE, sd-vae-ft-ema (spec §5)
 NULL_MODES = ("prompt_mask", "own_mask", "y_embedding")
+MAX_BATCH = 4096  # as ComfyUI's empty-latent nodes
+MAX_GUIDANCE = 100.0
+MAX_REQUESTED_SIDE = 16384  # ComfyUI's MAX_RESOLUTION; with binning any requested size maps to a bin
 
 
 class Interrupted(RuntimeError):
@@ -46,14 +52,14 @@ def null_conditioning(mode: str, prompt: Conditioning, negative: Conditioning | 
     if mode == "y_embedding":
         null = model.y_embedder.y_embedding
         if not null.abs().sum():
-            raise ValueError("this checkpoint has no null caption (diffusers files drop y_embedding); "
+            raise InputError("this checkpoint has no null caption (diffusers files drop y_embedding); "
                              "use null mode prompt_mask or own_mask")
         L = prompt.embeds.shape[1]
         if null.shape[0] < L:
-            raise ValueError(f"the checkpoint's null caption has {null.shape[0]} tokens, the prompt {L}")
+            raise InputError(f"the checkpoint's null caption has {null.shape[0]} tokens, the prompt {L}")
         embeds = null[:L].to(prompt.embeds).expand(prompt.embeds.shape[0], -1, -1)
         return Conditioning(embeds, prompt.mask)
-    raise ValueError(f"unknown null conditioning {mode!r}; choose one of {', '.join(NULL_MODES)}")
+    raise InputError(f"unknown null conditioning {mode!r}; choose one of {', '.join(NULL_MODES)}")
 
 
 @dataclass
@@ -64,6 +70,22 @@ class Generated:
     requested: tuple[int, int]  # resize-and-crop the decoded image to this
     seed: int
     family: str
+
+
+def sampling_bytes(batch: int, latent_h: int, latent_w: int, hidden_size: int = 1152, patch_size: int = 2) -> int:
+    """A lower bound of the memory one denoiser step holds: the residual stream and q/k/v of one block,
+    in 16 bit, for both classifier-free-guidance halves. Whatever attention or chunking is used, a step
+    needs at least this, so a request above the device's memory can be refused before it starts."""
+    tokens = max(1, latent_h // patch_size) * max(1, latent_w // patch_size)
+    return 2 * batch * tokens * hidden_size * 4 * 2
+
+
+def check_sampling_fits(batch: int, latent_h: int, latent_w: int, device="cpu", hidden_size: int = 1152,
+                        patch_size: int = 2) -> None:
+    """Refuse a batch and size whose sampling could never fit on the device, with the figure."""
+    h, w = latent_h * 8, latent_w * 8
+    checks.check_fits(f"sampling {batch} image(s) of {w}x{h} px", sampling_bytes(batch, latent_h, latent_w,
+                      hidden_size, patch_size), device, "use a smaller batch or size")
 
 
 def initial_noise(seed: int, batch: int, channels: int, height: int, width: int) -> torch.Tensor:
@@ -80,25 +102,31 @@ def generate(model: PixArt, prompt: Conditioning, negative: Conditioning, *, hei
     """Sample latents for encoded prompts. Sizes are snapped to the model's aspect-ratio bins unless
     binning=False; init_latents (VAE space) with denoise<1 is img2img."""
     cfg = model.config
-    height, width = height or cfg.resolution, width or cfg.resolution
+    height = cfg.resolution if height is None else height
+    width = cfg.resolution if width is None else width
+    seed = checks.whole_number("seed", seed, 0, checks.SEED_MAX)
+    batch = checks.whole_number("batch", batch, 1, MAX_BATCH)
+    guidance = checks.real_number("guidance", guidance, 0.0, MAX_GUIDANCE)
+    denoise = checks.real_number("denoise", denoise, 0.0, 1.0)
     if binning:  # any requested size works: the decoded bin is resized and cropped to it
-        if height <= 0 or width <= 0:
-            raise ValueError(f"requested size {width}x{height} must be positive")
+        height = checks.whole_number("height", height, 1, MAX_REQUESTED_SIDE)
+        width = checks.whole_number("width", width, 1, MAX_REQUESTED_SIDE)
         gen_h, gen_w = bins.nearest_bin(height, width, cfg.resolution)
     else:
         gen_h, gen_w = bins.check_size(height, width)
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        raise InputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if prompt.embeds.shape[-1] != cfg.caption_channels:
-        raise ValueError(f"the prompt embeddings are {prompt.embeds.shape[-1]} wide but the model expects "
+        raise InputError(f"the prompt embeddings are {prompt.embeds.shape[-1]} wide but the model expects "
                          f"{cfg.caption_channels}: use the T5 encoder that matches the model")
     device = next(model.parameters()).device
+    check_sampling_fits(batch, gen_h // 8, gen_w // 8, device, cfg.hidden_size, cfg.patch_size)
     sigmas = schedule.make_sigmas(grid, steps, denoise).to(device)
     noise = initial_noise(seed, batch, cfg.in_channels, gen_h, gen_w).to(device)
     if init_latents is not None:
         x0 = (init_latents.float() * LATENT_SCALE[cfg.family]).to(device)
         if x0.shape[-2:] != noise.shape[-2:]:
-            raise ValueError(f"init latents are {tuple(x0.shape[-2:])} but the generation size needs {tuple(noise.shape[-2:])}")
+            raise InputError(f"init latents are {tuple(x0.shape[-2:])} but the generation size needs {tuple(noise.shape[-2:])}")
         x = x0 + noise * sigmas[0]
     else:
         x = noise * math.sqrt(1.0 + float(sigmas[0]) ** 2)  # pure noise in VP, expressed in VE scale
@@ -119,16 +147,18 @@ def generate(model: PixArt, prompt: Conditioning, negative: Conditioning, *, hei
 
     kwargs = {}
     if sampler in ("sa_solver", "ddim"):
-        kwargs["generator"] = torch.Generator("cpu").manual_seed(seed + 1)
+        kwargs["generator"] = torch.Generator("cpu").manual_seed((seed + 1) % 2 ** 64)
     out = SAMPLERS[sampler](PixArtDenoiser(model), x, sigmas, extra_args=extra, callback=on_step,
                             disable=not progress_bar, **kwargs)
     return Generated(out.float().cpu() / LATENT_SCALE[cfg.family], gen_h, gen_w, (height, width), seed, cfg.family)
 
 
-def save_latents(path, generated: Generated) -> None:
-    """A `.latent` file ComfyUI's Load Latent reads as-is (safetensors, `latent_tensor`)."""
+def save_latents(path, generated: Generated) -> Path:
+    """A `.latent` file ComfyUI's Load Latent reads as-is (safetensors, `latent_tensor`), written atomically;
+    returns where it went (see files.save_result: never lost when the path cannot be written)."""
     from safetensors.torch import save_file
-    save_file({"latent_tensor": generated.latents.contiguous(), "latent_format_version_0": torch.tensor([])},
-              str(path), metadata={"height": str(generated.height), "width": str(generated.width),
-                                   "requested": f"{generated.requested[0]}x{generated.requested[1]}",
-                                   "seed": str(generated.seed), "family": generated.family})
+    tensors = {"latent_tensor": generated.latents.contiguous(), "latent_format_version_0": torch.tensor([])}
+    meta = {"height": str(generated.height), "width": str(generated.width),
+            "requested": f"{generated.requested[0]}x{generated.requested[1]}",
+            "seed": str(generated.seed), "family": generated.family}
+    return save_result(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), "latents")

@@ -12,7 +12,11 @@ import functools
 import numpy as np
 import torch
 
+from .checks import InputError, real_number, whole_number
+
 NUM_TRAIN_TIMESTEPS = 1000
+MAX_STEPS = 10_000  # the most steps any entry point (nodes, CLI, library) takes
+MAX_SCHEDULE = 1_000_000  # the longest schedule a denoise < 1 may cut its tail from
 BETA_START = 1e-4
 BETA_END = 0.02
 T_EPS = 1.0 / NUM_TRAIN_TIMESTEPS  # DPM-Solver's t_0 = 1/N for a discrete-time model
@@ -86,7 +90,7 @@ def sigmas_dpm_time_uniform(steps: int, keep_sigma_min: bool = False) -> torch.T
     official output exactly; it is the one grid here that does not end in 0.
     """
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise InputError(f"steps must be >= 1, got {steps}")
     t = torch.linspace(1.0, T_EPS, steps + 1, dtype=torch.float64)
     sigmas = timestep_to_sigma(t * NUM_TRAIN_TIMESTEPS - 1.0)
     if keep_sigma_min:
@@ -97,7 +101,7 @@ def sigmas_dpm_time_uniform(steps: int, keep_sigma_min: bool = False) -> torch.T
 def diffusers_timesteps(steps: int, spacing: str = "linspace") -> np.ndarray:
     """Integer timesteps of diffusers' DPMSolverMultistepScheduler.set_timesteps for its default config."""
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise InputError(f"steps must be >= 1, got {steps}")
     n = NUM_TRAIN_TIMESTEPS
     # numpy on purpose: np.linspace/np.arange/np.round reproduce diffusers' rounding bit for bit.
     if spacing == "linspace":
@@ -108,7 +112,7 @@ def diffusers_timesteps(steps: int, spacing: str = "linspace") -> np.ndarray:
         # np.arange with a float step gives steps+1 points for a few step counts (61, 103, ...), as in diffusers.
         ts = np.arange(n, 0, -n / steps).round() - 1
     else:
-        raise ValueError(f"spacing must be 'linspace', 'leading' or 'trailing', got {spacing!r}")
+        raise InputError(f"spacing must be 'linspace', 'leading' or 'trailing', got {spacing!r}")
     return ts.astype(np.int64)
 
 
@@ -125,7 +129,7 @@ def sigmas_diffusers(steps: int, spacing: str = "linspace") -> torch.Tensor:
 def sigmas_karras(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
     """Karras et al. (2022) noise levels, eq. (5): uniform in σ^(1/ρ)."""
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise InputError(f"steps must be >= 1, got {steps}")
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return _append_zero((hi + ramp * (lo - hi)) ** rho).float()
@@ -148,9 +152,12 @@ STEP_GRIDS = {
 def make_sigmas(grid: str, steps: int, denoise: float = 1.0) -> torch.Tensor:
     """Sigmas for `steps` steps of a named grid; denoise < 1 keeps the tail of a steps/denoise schedule (as ComfyUI)."""
     if grid not in STEP_GRIDS:
-        raise ValueError(f"unknown step grid {grid!r}; choose one of {sorted(STEP_GRIDS)}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise InputError(f"unknown step grid {grid!r}; choose one of {sorted(STEP_GRIDS)}")
+    steps = whole_number("steps", steps, 1, MAX_STEPS)
+    denoise = real_number("denoise", denoise, 0.0, 1.0)
+    if denoise > 0.0 and steps / denoise > MAX_SCHEDULE:  # the full schedule the tail is cut from
+        raise InputError(f"denoise {denoise:g} with {steps} steps would need a {steps / denoise:,.0f}-step schedule; "
+                         f"use a denoise of at least {steps / MAX_SCHEDULE:g} or fewer steps")
     if denoise > 0.9999:
         return STEP_GRIDS[grid](steps)
     if denoise <= 0.0:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import json
 import logging
 import re
 from collections import OrderedDict
@@ -28,9 +27,14 @@ from pathlib import Path
 
 import torch
 
+from .checks import InputError, clean_text, real_number, usable_device, whole_number
+from .files import config_fields, read_json_object, torch_load, unreadable
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 300  # Σ; α uses 120
+MAX_TOKENS = 1024  # the longest max_length taken: prompts are padded to it
+MAX_PROMPT_CHARS = 100_000  # T5 reads 300 tokens (about 1,500 characters); more is a pasted accident
 CACHE_SIZE = 64  # prompt embeddings kept (on the CPU); a T5-XXL fp32 entry is about 5 MB
 
 _ANCHOR = "encoder.block.0.layer.0.SelfAttention.q.weight"
@@ -55,7 +59,7 @@ _LOOKALIKES = (
 )
 
 
-class T5LoadError(ValueError):
+class T5LoadError(InputError):
     """The weights or tokenizer given cannot be used as PixArt's T5 encoder."""
 
 
@@ -70,7 +74,7 @@ def load_t5(path, dtype=torch.float32, device="cpu", tokenizer_path=None) -> "T5
     activations overflow float16 there.
     """
     dtype = _as_dtype(dtype)
-    device = _as_device(device)
+    device = usable_device(device)
     source = _WeightSource.resolve(path)
     weights = source.open()
     try:
@@ -219,20 +223,11 @@ _cache: "OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, int]]" = OrderedDi
 def _as_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, str):
         if dtype.lower() not in _DTYPES:
-            raise ValueError(f"T5 dtype {dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
+            raise InputError(f"T5 dtype {dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
         return _DTYPES[dtype.lower()]
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"T5 dtype {dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")
+        raise InputError(f"T5 dtype {dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")
     return dtype
-
-
-def _as_device(device) -> torch.device:
-    try:
-        device = torch.device(device)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError, TypeError) as e:
-        raise ValueError(f"device {device!r} is not usable here ({e}); use 'cpu' or an available accelerator") from None
-    return device
 
 
 def _as_prompt_list(prompts) -> list[str]:
@@ -240,16 +235,34 @@ def _as_prompt_list(prompts) -> list[str]:
         prompts = [prompts]
     prompts = list(prompts)
     if not prompts:
-        raise ValueError("encode() needs at least one prompt")
+        raise InputError("encode() needs at least one prompt")
     bad = [p for p in prompts if not isinstance(p, str)]
     if bad:
-        raise TypeError(f"prompts must be strings, got {type(bad[0]).__name__}")
-    return [p.strip() for p in prompts]
+        raise InputError(f"prompts must be strings, got {type(bad[0]).__name__}")
+    cleaned = []
+    for p in prompts:
+        p, replaced = clean_prompt(p)
+        if replaced:
+            log.warning("T5 prompt %r: %d character(s) that are not valid Unicode text (lone surrogates, or bytes "
+                        "the terminal could not decode) were replaced by U+FFFD", _preview(p), replaced)
+        cleaned.append(p.strip())
+    return cleaned
+
+
+def clean_prompt(text, name: str = "the prompt") -> tuple[str, int]:
+    """(prompt with invalid characters replaced, how many): see checks.clean_text; refuses absurd lengths."""
+    if not isinstance(text, str):
+        raise InputError(f"{name} must be text, got {type(text).__name__}")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise InputError(f"{name} is {len(text):,} characters long; T5 reads only its first "
+                         f"{DEFAULT_MAX_LENGTH} tokens (about 1,500 characters): shorten it")
+    return clean_text(text)
 
 
 def _as_max_length(max_length) -> int:
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-        raise ValueError(f"max_length must be a positive int (300 for PixArt-Σ, 120 for α), got {max_length!r}")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length <= MAX_TOKENS:
+        raise InputError(f"max_length must be a whole number from 1 to {MAX_TOKENS} (300 for PixArt-Σ, 120 for α), "
+                         f"got {max_length!r}")
     return max_length
 
 
@@ -301,10 +314,11 @@ def _folder_weight_files(folder: Path) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise T5LoadError(f"{index} is not a valid weight index ({e}); re-download it") from None
+            weight_map = read_json_object(index, T5LoadError).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v and Path(v).name == v
+                                                           for v in weight_map.values()):
+                raise T5LoadError(f"{index}: field weight_map must map tensor names to shard files in this folder; "
+                                  "re-download it")
             files = [folder / name for name in dict.fromkeys(weight_map.values())]
             absent = [f.name for f in files if not f.is_file()]
             if absent:
@@ -382,9 +396,8 @@ class _SafetensorsReader:
         try:
             self._handle = safe_open(str(file), framework="pt", device="cpu")
             self._keys = list(self._handle.keys())
-        except Exception as e:
-            raise T5LoadError(f"{file} is not a readable safetensors file ({e}); it may be truncated or "
-                              "corrupt: download it again") from None
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError ...
+            raise unreadable(file, e, T5LoadError) from None
 
     def keys(self):
         return self._keys
@@ -401,16 +414,7 @@ class _SafetensorsReader:
 
 class _TorchReader:
     def __init__(self, file):
-        try:
-            try:
-                data = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                data = torch.load(str(file), map_location="cpu", weights_only=True)  # legacy non-zip format
-        except Exception as e:
-            raise T5LoadError(f"{file} could not be loaded as a PyTorch state dict ({str(e).splitlines()[0]}); "
-                              "it may be truncated or corrupt: download it again") from None
+        data = torch_load(file, T5LoadError)
         if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
             data = data["state_dict"]
         if not isinstance(data, dict):
@@ -492,11 +496,12 @@ def _hf_config_extras(source) -> dict:
     if source.path.is_file() or not config_file.is_file():
         return {}
     try:
-        config = json.loads(config_file.read_text())
-    except ValueError:
-        log.warning("ignoring unreadable %s; using T5 v1.1 defaults", config_file)
+        config = read_json_object(config_file, T5LoadError)
+    except T5LoadError as e:  # the weights alone define the model; these two have standard values
+        log.warning("%s; using the T5 v1.1 defaults instead", e)
         return {}
-    return {k: config[k] for k in ("relative_attention_max_distance", "layer_norm_epsilon") if k in config}
+    return config_fields(config, config_file, {"relative_attention_max_distance": (whole_number, 1, "e.g. 128"),
+                                               "layer_norm_epsilon": (real_number, 1e-12, "e.g. 1e-06")}, T5LoadError)
 
 
 # ----------------------------------------------------------------------------- model building

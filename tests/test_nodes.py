@@ -206,7 +206,7 @@ def test_loader_errors_are_one_sentence(env):
         env.n.PixArtSuiteModelLoader.execute("clip_l_in_checkpoints.safetensors", "auto", "default", "checkpoint",
                                              "avgpool")
     one_sentence(err)
-    with pytest.raises(ValueError, match="no such folder any more") as err:
+    with pytest.raises(ValueError, match="there is no such model folder in .*diffusers; put it there") as err:
         env.n.PixArtSuiteModelLoader.execute("[diffusers] gone", "auto", "default", "checkpoint", "avgpool")
     one_sentence(err)
     with pytest.raises(ValueError, match="ckpt_name 'missing.safetensors'") as err:
@@ -430,7 +430,7 @@ def test_sampler_errors_are_one_sentence(env):
     with pytest.raises(ValueError, match="negative embeddings are 4096 wide") as err:
         run_sampler(env, neg=wide)
     one_sentence(err)
-    with pytest.raises(ValueError, match="eta must be 0 or more") as err:
+    with pytest.raises(ValueError, match="eta must be a number from 0.0 to 10.0, got -1") as err:
         env.n.PixArtSuiteSamplerSelect.execute("ddim", -1.0)
     one_sentence(err)
 
@@ -542,3 +542,56 @@ def test_stock_conditioning_nodes_keep_our_mask(env):
     assert all("attention_mask" in d for _, d in split)
     # the two halves of one prompt over the two halves of the schedule sample like the prompt itself
     assert torch.allclose(run_sampler(env, pos=split), run_sampler(env), atol=1e-5)
+
+
+# -------------------------------------------------------------------------------------------------
+# input checks at queue time and at run time (issue #10); the real host: tests/e2e/test_reliability.py
+# -------------------------------------------------------------------------------------------------
+
+def test_validate_inputs_refuse_what_execute_would(env):
+    nan = float("nan")
+    assert env.n.PixArtSuiteSampler.validate_inputs(cfg=4.5, denoise=1.0) is True
+    assert env.n.PixArtSuiteSampler.validate_inputs(cfg=None, denoise=None) is True  # linked: checked when run
+    assert env.n.PixArtSuiteSampler.validate_inputs(cfg=nan, denoise=1.0) == "cfg must be a finite number, got nan"
+    assert env.n.PixArtSuiteSampler.validate_inputs(cfg=101.0, denoise=1.0) == ("cfg must be a number from 0.0 to "
+                                                                                "100.0, got 101")
+    with pytest.raises(ValueError, match="cfg must be a finite number, got nan") as err:  # a linked NaN
+        run_sampler(env, cfg=nan)
+    one_sentence(err)
+    with pytest.raises(ValueError, match="seed must be a whole number from 0 to 18446744073709551615, got -1"):
+        run_sampler(env, seed=-1)
+    assert env.n.PixArtSuiteKVCompression.validate_inputs(layers="14-27") is True  # depth unknown until run
+    assert env.n.PixArtSuiteKVCompression.validate_inputs(layers="1-2-3").startswith("layers '1-2-3' is not a layer")
+    assert env.n.PixArtSuiteT5TextEncode.validate_inputs(text="x" * 100_001).startswith(
+        "text is 100,001 characters long")
+    assert env.n.PixArtSuiteModelLoader.validate_inputs(ckpt_name="tiny_pixart.safetensors") is True
+    assert env.n.PixArtSuiteModelLoader.validate_inputs(ckpt_name="PixArt-XL-2-1024-MS.pth").endswith(
+        "(download it from https://huggingface.co/PixArt-alpha/PixArt-alpha), then press R to refresh the list")
+    assert env.n.PixArtSuiteT5Loader.validate_inputs(t5_name="[folder] tiny-t5-hf") is True
+
+
+def test_sizes_that_cannot_fit_are_refused_with_the_figure(env, monkeypatch):
+    checks = sys.modules[f"{PACK_NAME}.pixart_core.checks"]  # the pack's own copy, as ComfyUI imports it
+    monkeypatch.setattr(checks, "device_memory", lambda device="cpu": 64 << 20)
+    with pytest.raises(ValueError) as err:
+        env.n.PixArtSuiteResolution.execute("4096", "1.00 square", 1024, 1024, 64)
+    assert str(err.value) == ("an empty latent of 64 x 4096x4096 px would need at least 256.0 MiB, more than the "
+                              "64.0 MiB of memory this machine has; use a smaller batch_size")
+    with pytest.raises(ValueError) as err:
+        run_sampler(env, latent=empty_latent(batch=4096))
+    assert str(err.value) == ("sampling 4096 image(s) of 128x128 px would need at least 256.0 MiB, more than the "
+                              "64.0 MiB of memory this machine has; use a smaller batch or size")
+    with pytest.raises(ValueError, match=r"covering 16384x16 px from 128x16 px images \(scaled to 16384x2048 before "
+                                         r"the crop\) would need at least 384.0 MiB"):
+        env.n.PixArtSuiteResizeCrop.execute(torch.zeros(1, 16, 128, 3), 16384, 16)
+
+
+def test_dropdowns_default_to_the_file_to_get(env):
+    loaders = env.pack.nodes.loaders
+    assert loaders.default_choice([], "PixArt-Sigma-XL-2-1024-MS.pth") == "PixArt-Sigma-XL-2-1024-MS.pth"
+    assert loaders.default_choice(["a.pth", "PixArt-Sigma-XL-2-1024-MS.pth"], "PixArt-Sigma-XL-2-1024-MS.pth") == \
+        "PixArt-Sigma-XL-2-1024-MS.pth"
+    assert loaders.default_choice(["a.pth"], "PixArt-Sigma-XL-2-1024-MS.pth") == "a.pth"
+    ckpt = next(i for i in env.n.PixArtSuiteModelLoader.GET_SCHEMA().inputs if i.id == "ckpt_name")
+    assert "PixArt-Sigma-XL-2-1024-MS.pth" not in ckpt.options  # this env has no release file: the first one
+    assert ckpt.default == ckpt.options[0] and ckpt.default.endswith(".safetensors")

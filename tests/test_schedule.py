@@ -148,5 +148,5 @@ def test_registry_and_make_sigmas():
     assert S.make_sigmas("linspace", 10, denoise=0.0).numel() == 0
     with pytest.raises(ValueError, match="unknown step grid 'simple'"):
         S.make_sigmas("simple", 10)
-    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="steps must be a whole number from 1 to 10000, got 0"):
         S.make_sigmas("karras", 0)

@@ -370,5 +370,5 @@ def test_tokenizer_found_through_comfy(files, monkeypatch):
 def test_bad_dtype_and_device(files):
     with pytest.raises(ValueError, match="dtype"):
         t5.load_t5(files["hf"], dtype=torch.float64)
-    with pytest.raises(ValueError, match="not usable"):
+    with pytest.raises(ValueError, match="device .nonsense. is not a device name"):
         t5.load_t5(files["hf"], device="nonsense")

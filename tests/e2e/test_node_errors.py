@@ -108,17 +108,20 @@ def test_t5_of_the_wrong_width(comfy, txt2img):
     assert "T5-XXL for every released PixArt" in msg
 
 
-def test_missing_pixart_file_names_the_folders(comfy, txt2img):
-    # A workflow naming a file the user has not downloaded. ComfyUI 0.3.75 checks dropdown values
-    # only for V1-style list inputs, not V3 Combo inputs, so the prompt is accepted and the
-    # loader's own message is what the user sees.
+def test_missing_pixart_file_names_the_folders(comfy, txt2img, models_dir):
+    # A workflow naming a file the user has not downloaded: the loader's validate_inputs refuses it
+    # when the prompt is queued (ComfyUI 0.3.75 itself checks only V1-style list inputs, not V3 Combos).
     loader = node_of(txt2img, "PixArtSuiteModelLoader")
     txt2img[loader]["inputs"]["ckpt_name"] = "PixArt-Sigma-XL-2-512-MS.pth"
-    e = run_failing(comfy, txt2img)
-    assert (e.node_id, e.node_type) == (loader, "PixArtSuiteModelLoader")
-    assert e.exception_message.strip() == (
-        "ckpt_name 'PixArt-Sigma-XL-2-512-MS.pth' is not in models/diffusion_models, models/checkpoints; "
-        "put the file there and press R to refresh the list")
+    with pytest.raises(PromptError) as err:
+        comfy.queue(txt2img)
+    assert err.value.status == 400 and list(err.value.node_errors) == [loader]
+    (problem,) = err.value.node_errors[loader]["errors"]
+    assert problem["type"] == "custom_validation_failed"
+    assert problem["details"] == (
+        f"ckpt_name - ckpt_name 'PixArt-Sigma-XL-2-512-MS.pth' is missing: put the file in "
+        f"{models_dir / 'diffusion_models'} or {models_dir / 'checkpoints'} (download it from "
+        "https://huggingface.co/PixArt-alpha/PixArt-Sigma), then press R to refresh the list")
 
 
 def test_missing_vae_file_is_refused_before_running(comfy, txt2img):
