@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from comfy_api.latest import io, ui
 
@@ -18,7 +19,8 @@ import folder_paths
 
 from ..pixart_core.lora import (TEXT_ENCODER, TRANSFORMER, LoraError, Target, delta_shape, module_tensors,
                                 read_lora, transformer_targets)
-from .common import CATEGORY, require_pixart, show_text
+from .common import CATEGORY, check_widgets, queue_check, require_pixart, show_text
+from .loaders import resolve_choice
 
 log = logging.getLogger("PixArt-Σ")
 
@@ -172,9 +174,15 @@ def _report(lora, applied: set, refused: dict) -> str:
     return text
 
 
+def _check_inputs(cls, lora_name=None, **strengths) -> Path | None:
+    check_widgets(cls, **strengths)
+    return None if lora_name is None else resolve_choice(lora_name, "lora_name", ("loras",))
+
+
 class PixArtSuiteLoraLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
+        loras = folder_paths.get_filename_list("loras")
         return io.Schema(
             node_id="PixArtSuiteLoraLoader",
             display_name="Load PixArt LoRA",
@@ -185,7 +193,7 @@ class PixArtSuiteLoraLoader(io.ComfyNode):
                         "were not.",
             inputs=[
                 io.Model.Input("model", tooltip="A PixArt model ('Load PixArt-Σ Model' or ComfyUI's own)."),
-                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                io.Combo.Input("lora_name", options=loras, default=loras[0] if loras else None,
                                tooltip="The LoRA file in models/loras. A PEFT LoRA's adapter_config.json may sit "
                                        "next to it (as adapter_config.json or <name>.json) for its alpha."),
                 io.Float.Input("strength_model", default=1.0, min=-100.0, max=100.0, step=0.01,
@@ -202,15 +210,14 @@ class PixArtSuiteLoraLoader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, lora_name, strength_model, strength_clip):
+        return queue_check(_check_inputs, cls, lora_name=lora_name, strength_model=strength_model,
+                           strength_clip=strength_clip)
+
+    @classmethod
     def execute(cls, model, lora_name, strength_model, clip=None, strength_clip=1.0) -> io.NodeOutput:
         require_pixart(model)
-        try:
-            path = folder_paths.get_full_path("loras", lora_name)
-        except KeyError:
-            path = None
-        if not path:
-            raise ValueError(f"lora_name {lora_name!r} is not in models/loras; put the file there and press R "
-                             "to refresh the list")
+        path = _check_inputs(cls, lora_name=lora_name, strength_model=strength_model, strength_clip=strength_clip)
         new_model, new_clip, text = apply_lora(model, clip, path, strength_model, strength_clip)
         show_text(cls, text)
         return io.NodeOutput(new_model, new_clip, ui=ui.PreviewText(text))
