@@ -107,8 +107,8 @@ class RawCheckpoint:
     metadata: dict = field(default_factory=dict)
 
 
-def read_checkpoint(path) -> RawCheckpoint:
-    """Any supported file or folder -> its state dict in the official layout."""
+def read_state_dict(path) -> tuple[Path, dict, dict, dict | None]:
+    """(path, state dict as stored, safetensors metadata, diffusers config.json) of a file or folder."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
@@ -121,6 +121,12 @@ def read_checkpoint(path) -> RawCheckpoint:
         sd = read_pth(path)
     else:
         raise CheckpointError(f"{path}: unsupported file type {path.suffix!r}; use .pth, .safetensors or a diffusers folder")
+    return path, sd, metadata, diffusers_config
+
+
+def read_checkpoint(path) -> RawCheckpoint:
+    """Any supported file or folder -> its state dict in the official layout."""
+    path, sd, metadata, diffusers_config = read_state_dict(path)
     sd = _strip_prefix(sd)
     layout = detect_layout(sd, path)
     if layout == "diffusers":
@@ -129,8 +135,9 @@ def read_checkpoint(path) -> RawCheckpoint:
 
 
 def _strip_prefix(sd: dict) -> dict:
-    """Full checkpoints saved by ComfyUI put the denoiser under `model.diffusion_model.`."""
-    for prefix in ("model.diffusion_model.", "diffusion_model.", "transformer."):
+    """Full checkpoints saved by ComfyUI put the denoiser under `model.diffusion_model.`; the official
+    ControlNet files (PixArt-δ) carry a whole PixArt-α under `base_model.` beside the control branch."""
+    for prefix in ("model.diffusion_model.", "diffusion_model.", "transformer.", "base_model."):
         if any(k.startswith(prefix) for k in sd):
             inner = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
             if "t_block.1.weight" in inner or "adaln_single.linear.weight" in inner:
@@ -148,6 +155,10 @@ _OTHER_MODELS = [  # (a key that identifies it, what it is, what to do instead)
     ("encoder.block.0.layer.0.SelfAttention.q.weight", "a T5 text encoder", "load it with the T5 loader"),
     ("text_model.encoder.layers.0.self_attn.q_proj.weight", "a CLIP text encoder", "PixArt needs T5-XXL"),
     ("decoder.conv_in.weight", "a VAE", "load it with ComfyUI's Load VAE"),
+    ("controlnet.0.after_proj.weight", "a PixArt ControlNet without a base model",
+     "load it with 'Load PixArt ControlNet' and the PixArt model it was trained for with this loader"),
+    ("controlnet_blocks.0.after_proj.weight", "a PixArt ControlNet (diffusers layout)",
+     "load it with 'Load PixArt ControlNet' and the PixArt model it was trained for with this loader"),
     ("first_stage_model.decoder.conv_in.weight", "a checkpoint with a VAE", "load it with ComfyUI's Load Checkpoint"),
 ]
 
@@ -294,6 +305,11 @@ def _size_from_name(path) -> int | None:
     return None
 
 
+def default_num_heads(hidden_size: int) -> int:
+    """Heads leave no trace in the weights: 72-wide heads as every released model, else 16-wide."""
+    return hidden_size // 72 if hidden_size % 72 == 0 else max(1, hidden_size // 16)
+
+
 def detect_config(raw: RawCheckpoint, **overrides) -> tuple[PixArtConfig, dict]:
     """Everything the weights (and a diffusers config or our metadata) say, plus explicit overrides.
 
@@ -328,7 +344,7 @@ def detect_config(raw: RawCheckpoint, **overrides) -> tuple[PixArtConfig, dict]:
     if dc.get("num_attention_heads"):
         put("num_heads", dc["num_attention_heads"], "diffusers config")
     D = values["hidden_size"]
-    put("num_heads", D // 72 if D % 72 == 0 else max(1, D // 16), "head width 72 (released models) or 16")
+    put("num_heads", default_num_heads(D), "head width 72 (released models) or 16")
     micro = "csize_embedder.mlp.0.weight" in sd
     put("micro_condition", micro, "weights")
     put("qk_norm", "blocks.0.attn.q_norm.weight" in sd, "weights")
