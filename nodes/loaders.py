@@ -97,9 +97,15 @@ def _files(*folder_names: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _pixart_files_in_controlnet() -> list[str]:
+    """The official ControlNet .pth holds its PixArt-α base model too: one download serves both loaders."""
+    return [f for f in _files("controlnet") if "pixart" in f.lower()]
+
+
 def pixart_model_choices() -> list[str]:
-    """Files in diffusion_models and checkpoints, then PixArt diffusers folders (with DIFFUSERS_PREFIX)."""
-    return _files("diffusion_models", "checkpoints") + [DIFFUSERS_PREFIX + n for n, _ in _pixart_diffusers_folders()]
+    """Files in diffusion_models and checkpoints, PixArt files in controlnet, then PixArt diffusers folders."""
+    return (_files("diffusion_models", "checkpoints") + _pixart_files_in_controlnet()
+            + [DIFFUSERS_PREFIX + n for n, _ in _pixart_diffusers_folders()])
 
 
 def t5_choices() -> list[str]:
@@ -160,7 +166,8 @@ class PixArtSuiteModelLoader(io.ComfyNode):
                         "Works with stock samplers, LoRA loaders and the PixArt Sampler.",
             inputs=[
                 io.Combo.Input("ckpt_name", options=pixart_model_choices(),
-                               tooltip="The PixArt weights: files from models/diffusion_models and models/checkpoints, "
+                               tooltip="The PixArt weights: files from models/diffusion_models and models/checkpoints (and "
+                                       "PixArt ControlNet .pth files from models/controlnet, which hold a PixArt-α), "
                                        f"and diffusers folders from models/diffusers (listed as '{DIFFUSERS_PREFIX}name')."),
                 io.Combo.Input("preset", options=["auto", *PRESETS], default="auto",
                                tooltip="auto reads the configuration from the file (weights, diffusers config, name). "
@@ -189,7 +196,9 @@ class PixArtSuiteModelLoader(io.ComfyNode):
             raise ValueError(f"kv_mode {kv_mode!r} is not one of {', '.join(KV_MODES)}")
         if preset != "auto" and preset not in PRESETS:
             raise ValueError(f"preset {preset!r} is not one of auto, {', '.join(PRESETS)}")
-        path = _resolve(ckpt_name, "ckpt_name", ("diffusion_models", "checkpoints"),
+        folders = ("diffusion_models", "checkpoints") + (
+            ("controlnet",) if ckpt_name in _pixart_files_in_controlnet() else ())
+        path = _resolve(ckpt_name, "ckpt_name", folders,
                         {DIFFUSERS_PREFIX: _pixart_diffusers_folders})
         model = load_model(path, preset, WEIGHT_DTYPES[weight_dtype])  # CheckpointError says what the file is
         kv = kv_for_choice(pixart_config_of(model), kv_compression, kv_mode)
