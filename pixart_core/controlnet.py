@@ -28,7 +28,7 @@ from torch import nn
 
 from .config import PixArtConfig
 from .loading import (CheckpointError, default_num_heads, diffusers_to_official, official_to_diffusers,
-                      read_state_dict)
+                      read_state_dict, write_state_dict)
 from .model import BlockInputs, PixArt, PixArtBlock
 from .ops import CastOps
 
@@ -276,26 +276,9 @@ def load_controlnet(path, dtype=None, device="cpu", operations=None) -> PixArtCo
 def save_controlnet(sd: dict, out, layout: str = "official") -> Path:
     """Write a control branch (official keys): `.pth` (official container), `.safetensors` in either
     layout, or a diffusers folder (a path without a suffix: config.json + diffusion_pytorch_model.safetensors)."""
-    out = Path(out)
-    sd = {k: v.contiguous() for k, v in sd.items()}
     n = 1 + max(int(_OFFICIAL.match(k).group(1)) for k in sd)
-    if out.suffix == ".pth":
-        if layout != "official":
-            raise CheckpointError(f"{out}: .pth files are written in the official layout only")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": sd}, out)
-        return out
-    from safetensors.torch import save_file
-    if out.suffix == ".safetensors":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_file(official_to_diffusers_controlnet(sd, out) if layout == "diffusers" else sd, str(out))
-        return out
-    if out.suffix:
-        raise CheckpointError(f"{out}: unknown output type {out.suffix!r}; use .pth, .safetensors or a folder name")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({"_class_name": DIFFUSERS_CLASS, "num_layers": n}, indent=2))
-    save_file(official_to_diffusers_controlnet(sd, out), str(out / "diffusion_pytorch_model.safetensors"))
-    return out
+    return write_state_dict(sd, out, layout, official_to_diffusers_controlnet,
+                            {"_class_name": DIFFUSERS_CLASS, "num_layers": n})
 
 
 def convert_controlnet(src, out, layout: str = "official") -> Path:

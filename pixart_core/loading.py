@@ -489,11 +489,12 @@ def parse_dtype(name: str | None):
 # writing
 # -------------------------------------------------------------------------------------------------
 
-def save_checkpoint(sd: dict, config: PixArtConfig, out, layout: str = "official") -> Path:
-    """Write an official-layout state dict as `.pth` (official container), `.safetensors`
-    (official or diffusers layout) or a diffusers folder (a path without a suffix)."""
+def write_state_dict(sd: dict, out, layout: str, to_diffusers, folder_config: dict, metadata: dict | None = None) -> Path:
+    """Write an official-layout state dict as `.pth` (official container), `.safetensors` (official or
+    diffusers layout, via `to_diffusers(sd, path)`) or a diffusers folder (a path without a suffix:
+    `folder_config` as config.json + diffusion_pytorch_model.safetensors)."""
     out = Path(out)
-    sd = {k: v.contiguous() for k, v in sd.items() if k not in IGNORED_KEYS}
+    sd = {k: v.contiguous() for k, v in sd.items()}
     if out.suffix == ".pth":
         if layout != "official":
             raise CheckpointError(f"{out}: .pth files are written in the official layout only")
@@ -501,17 +502,22 @@ def save_checkpoint(sd: dict, config: PixArtConfig, out, layout: str = "official
         torch.save({"state_dict": sd}, out)
         return out
     from safetensors.torch import save_file
-    meta = {CONFIG_METADATA_KEY: json.dumps(config.to_dict())}
     if out.suffix == ".safetensors":
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_file(official_to_diffusers(sd, out) if layout == "diffusers" else sd, str(out), metadata=meta)
+        save_file(to_diffusers(sd, out) if layout == "diffusers" else sd, str(out), metadata=metadata)
         return out
     if out.suffix:
         raise CheckpointError(f"{out}: unknown output type {out.suffix!r}; use .pth, .safetensors or a folder name")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(diffusers_config(config), indent=2))
-    save_file(official_to_diffusers(sd, out), str(out / "diffusion_pytorch_model.safetensors"), metadata=meta)
+    (out / "config.json").write_text(json.dumps(folder_config, indent=2))
+    save_file(to_diffusers(sd, out), str(out / "diffusion_pytorch_model.safetensors"), metadata=metadata)
     return out
+
+
+def save_checkpoint(sd: dict, config: PixArtConfig, out, layout: str = "official") -> Path:
+    """A PixArt model's state dict (official layout) in any container; see write_state_dict."""
+    return write_state_dict({k: v for k, v in sd.items() if k not in IGNORED_KEYS}, out, layout, official_to_diffusers,
+                            diffusers_config(config), {CONFIG_METADATA_KEY: json.dumps(config.to_dict())})
 
 
 def convert(src, out, layout: str = "official", **overrides) -> Path:

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 import pixart_fixtures as pf
 from pixart_core.controlnet import ControlInput, save_controlnet
-from tests.test_nodes import _one_thread, empty_latent, env, one_sentence, run_sampler  # noqa: F401 (fixtures)
+from tests.test_nodes import _one_thread, empty_latent, env, native_pixart, one_sentence, run_sampler  # noqa: F401
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
 import vae_fixtures  # noqa: E402
@@ -169,7 +169,6 @@ def test_errors_are_one_sentence(env, cn):
     import comfy.controlnet
     import comfy.ldm.flux.controlnet
     import comfy.model_patcher
-    import comfy.supported_models
     image, vae = cn["image"], cn["vae"]
     with pytest.raises(ValueError, match="is 96 wide but the PixArt model is 64 wide") as err:
         run_sampler(env, pos=apply(env, cn["wide"], image, vae=vae)[0], neg=env.neg)
@@ -191,14 +190,7 @@ def test_errors_are_one_sentence(env, cn):
         with pytest.raises(ValueError, match=f"carries {what}, which cannot steer a PixArt model") as err:
             run_sampler(env, pos=pos)
         one_sentence(err)
-    cfg = env.core.config
-    config = comfy.supported_models.PixArtSigma({
-        "image_model": "pixart_sigma", "input_size": cfg.sample_size, "patch_size": cfg.patch_size,
-        "in_channels": cfg.in_channels, "hidden_size": cfg.hidden_size, "depth": cfg.depth,
-        "num_heads": cfg.num_heads, "caption_channels": cfg.caption_channels,
-        "model_max_length": cfg.model_max_length, "pe_interpolation": 1, "micro_condition": False})
-    config.set_inference_dtype(torch.float32, None)
-    native = comfy.model_patcher.ModelPatcher(config.get_model({}), torch.device("cpu"), torch.device("cpu"))
+    native = native_pixart(env)
     pos, neg = apply(env, cn["official"], image, vae=vae)
     with pytest.raises(ValueError, match="applied to ComfyUI's own PixArt model, which ignores ControlNets") as err:
         run_sampler(env, model=native, pos=pos, neg=neg, latent=empty_latent(side=64))

@@ -7,15 +7,13 @@ front end queues it, at the 256 bins and one step.
 """
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
 import controlnet_model_fixtures as cfx
 import pixart_model_fixtures as fx
 import run_workflow
-from test_node_errors import node_of, run_failing
+from test_node_errors import node_of, run_failing, small_api
 from test_workflows import example_input, png_array  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.e2e
@@ -25,13 +23,7 @@ WORKFLOW = run_workflow.comfy_host.REPO / "workflows" / "controlnet_canny.json"
 
 @pytest.fixture
 def canny(comfy, example_input):  # noqa: F811
-    api = run_workflow.to_api(comfy, json.loads(WORKFLOW.read_text(encoding="utf-8")))
-    for entry in api.values():
-        if entry["class_type"] == "PixArtSuiteSampler":
-            entry["inputs"]["steps"] = 1
-        if entry["class_type"] == "PixArtSuiteResolution":
-            entry["inputs"]["size_class"] = "256"
-    return api
+    return small_api(comfy, WORKFLOW)
 
 
 def image_of(comfy, api) -> np.ndarray:
