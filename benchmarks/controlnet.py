@@ -84,11 +84,12 @@ def run(px: int, dtype_name: str, device, runs: int, full_depth: bool, log=print
 
 
 def table(r: dict) -> str:
-    lines = [f"| {r['px']} px, {r['dtype']}, {r['device']} | plain step | ControlNet step | ratio (wall) | ratio (CPU time) "
-             f"| 1 + 13/28 | FLOP ratio |",
+    lines = [f"| {r['px']} px, {r['dtype']}, {r['device']} | plain step | ControlNet step | ratio (wall) "
+             "| ratio (CPU time) | 1 + 13/28 | FLOP ratio |",
              "|---|---|---|---|---|---|---|",
              f"| 28 blocks + 13 copies (assembled) | {r['step28_s']:.2f} s | {r['step28_controlnet_s']:.2f} s | "
-             f"**{r['ratio']:.3f}** | {r['ratio_cpu_time']:.3f} | {r['expected_block_ratio']:.3f} | {r['flop_ratio']:.3f} |"]
+             f"**{r['ratio']:.3f}** | {r['ratio_cpu_time']:.3f} | {r['expected_block_ratio']:.3f} | "
+             f"{r['flop_ratio']:.3f} |"]
     if "full" in r:
         f = r["full"]["raw"]
         lines.append(f"| 28 blocks + 13 copies (timed) | {f['plain']['median_s']:.2f} s | "

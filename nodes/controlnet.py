@@ -181,9 +181,11 @@ class PixArtSuiteControlNetLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("control_net_name", options=controlnet_choices(),
                                tooltip="The ControlNet: files from models/controlnet, and diffusers ControlNet folders "
-                                       f"there (listed as '{DIFFUSERS_PREFIX}name'). Every size is read from the weights."),
+                                       f"there (listed as '{DIFFUSERS_PREFIX}name'). Every size is read from the "
+                                       "weights."),
             ],
-            outputs=[io.ControlNet.Output(tooltip="For Apply ControlNet, with a PixArt model from 'Load PixArt-Σ Model'.")],
+            outputs=[io.ControlNet.Output(
+                tooltip="For Apply ControlNet, with a PixArt model from 'Load PixArt-Σ Model'.")],
         )
 
     @classmethod

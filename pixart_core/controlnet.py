@@ -37,16 +37,18 @@ DIFFUSERS_CLASS = "PixArtControlNetAdapterModel"  # the diffusers research proje
 _OFFICIAL = re.compile(r"^controlnet\.(\d+)\.(copied_block|before_proj|after_proj)\.(.+)$")
 _DIFFUSERS = re.compile(r"^controlnet_blocks\.(\d+)\.(transformer_block|before_proj|after_proj)\.(.+)$")
 
-_OTHER_CONTROLNETS = [  # (a key that identifies it, what it is)
-    ("input_hint_block.0.weight", "an SD1.x/SDXL ControlNet"),
-    ("controlnet_cond_embedding.conv_in.weight", "an SD1.x/SDXL ControlNet (diffusers layout)"),
-    ("lora_controlnet", "an SDXL Control-LoRA"),
-    ("controlnet_x_embedder.weight", "a Flux ControlNet"),
-    ("pos_embed_input.proj.weight", "an SD3 ControlNet"),
-    ("after_proj_list.0.weight", "a HunyuanDiT ControlNet"),
-    ("t_block.1.weight", "a PixArt model, not a ControlNet"),
-    ("adaln_single.linear.weight", "a PixArt model (diffusers layout), not a ControlNet"),
+_STOCK = "it steers its own model family through ComfyUI's Load ControlNet Model"
+_OTHER_CONTROLNETS = [  # (a key that identifies it, what it is, what to do with it)
+    ("input_hint_block.0.weight", "an SD1.x/SDXL ControlNet", _STOCK),
+    ("controlnet_cond_embedding.conv_in.weight", "an SD1.x/SDXL ControlNet (diffusers layout)", _STOCK),
+    ("lora_controlnet", "an SDXL Control-LoRA", _STOCK),
+    ("controlnet_x_embedder.weight", "a Flux ControlNet", _STOCK),
+    ("pos_embed_input.proj.weight", "an SD3 ControlNet", _STOCK),
+    ("after_proj_list.0.weight", "a HunyuanDiT ControlNet", _STOCK),
+    ("t_block.1.weight", "a PixArt model", "load it with 'Load PixArt-Σ Model'"),
+    ("adaln_single.linear.weight", "a PixArt model (diffusers layout)", "load it with 'Load PixArt-Σ Model'"),
 ]
+_WANTED = "a PixArt ControlNet such as PixArt-XL-2-1024-ControlNet.pth or a diffusers-layout PixArt ControlNet"
 
 
 #################################################################################
@@ -176,7 +178,8 @@ def _convert_keys(sd: dict, pattern: re.Pattern, copy_in: str, blocks_in: str, b
         else:  # before_proj / after_proj: same names in both layouts
             out[f"{prefix_out}.{m.group(1)}.{m.group(2)}.{m.group(3)}"] = value
     if unknown:
-        raise CheckpointError(f"{path}: {len(unknown)} keys are not part of a PixArt ControlNet, e.g. {sorted(unknown)[:4]}")
+        raise CheckpointError(f"{path}: {len(unknown)} keys are not part of a PixArt ControlNet, "
+                              f"e.g. {sorted(unknown)[:4]}")
     for key, value in blocks_fn(blocks, path).items():
         _, i, rest = key.split(".", 2)  # "blocks.{i}.rest" or "transformer_blocks.{i}.rest"
         out[f"{prefix_out}.{i}.{copy_out}.{rest}"] = value
@@ -193,10 +196,10 @@ def official_to_diffusers_controlnet(sd: dict, path="") -> dict:
                          "controlnet_blocks", "transformer_block", path)
 
 
-def _foreign(sd: dict) -> str | None:
-    for key, what in _OTHER_CONTROLNETS:
+def _foreign(sd: dict) -> tuple[str, str] | None:
+    for key, what, instead in _OTHER_CONTROLNETS:
         if key in sd or any(k.endswith("." + key) for k in sd):
-            return what
+            return what, instead
     return None
 
 
@@ -207,7 +210,8 @@ def _config_from_weights(sd: dict, path, diffusers_config: dict | None) -> PixAr
             if key not in sd:
                 raise CheckpointError(f"{path}: missing key {key} - the ControlNet file is incomplete")
     if "controlnet.0.before_proj.weight" not in sd:
-        raise CheckpointError(f"{path}: missing key controlnet.0.before_proj.weight - the ControlNet file is incomplete")
+        raise CheckpointError(f"{path}: missing key controlnet.0.before_proj.weight - the ControlNet file is "
+                              "incomplete")
     D = sd["controlnet.0.after_proj.weight"].shape[0]
     heads = (diffusers_config or {}).get("num_attention_heads") or default_num_heads(D)
     kv_layers = sorted(i for i in range(n) if f"controlnet.{i}.copied_block.attn.sr.weight" in sd)
@@ -237,15 +241,17 @@ def read_controlnet(path) -> RawControlNet:
         layout = "official"
         unknown = sorted(k for k in sd if not _OFFICIAL.match(k))
         if unknown:
-            raise CheckpointError(f"{path}: {len(unknown)} keys are not part of a PixArt ControlNet, e.g. {unknown[:4]}")
+            raise CheckpointError(f"{path}: {len(unknown)} keys are not part of a PixArt ControlNet, "
+                                  f"e.g. {unknown[:4]}")
     else:
-        what = _foreign(sd) or (base and "a PixArt model without a control branch")
-        if what:
-            raise CheckpointError(f"{path}: this is {what}, not a PixArt ControlNet; load a PixArt ControlNet "
-                                  "(PixArt-XL-2-1024-ControlNet.pth or a diffusers PixArt ControlNet) here")
+        found = _foreign(sd) or (("a PixArt model without a control branch", "load it with 'Load PixArt-Σ Model'")
+                                 if base else None)
+        if found:
+            raise CheckpointError(f"{path}: this is {found[0]}, not a PixArt ControlNet ({found[1]}); "
+                                  f"this loader needs {_WANTED}")
         raise CheckpointError(f"{path}: not a PixArt ControlNet - it has neither controlnet.N.copied_block (official) "
-                              f"nor controlnet_blocks.N.transformer_block (diffusers) keys; its first keys are: "
-                              f"{', '.join(sorted(sd)[:3])}")
+                              f"nor controlnet_blocks.N.transformer_block (diffusers) keys (its first keys are "
+                              f"{', '.join(sorted(sd)[:3])}); this loader needs {_WANTED}")
     config = _config_from_weights(sd, path, diffusers_config)
     alpha = "csize_embedder.mlp.0.weight" in base or (
         "y_embedder.y_embedding" in base and base["y_embedder.y_embedding"].shape[0] == 120)
@@ -320,9 +326,11 @@ def describe_controlnet(path) -> str:
                          "hint: SD1.5-VAE latents)"}.get(raw.base_family, "not recorded (use the base model it was "
                                                                               "trained on; Σ: SDXL-VAE hint latents)")
     lines = [f"file:        {raw.path}", "kind:        PixArt ControlNet (ControlNet-Half)",
-             f"layout:      {raw.layout}", f"parameters:  {params:,} (control branch)", f"dtypes:      {', '.join(dtypes)}",
+             f"layout:      {raw.layout}", f"parameters:  {params:,} (control branch)",
+             f"dtypes:      {', '.join(dtypes)}",
              f"copied blocks: {raw.config.depth} (added after base blocks 0-{raw.config.depth - 1})",
-             f"hidden_size: {c.hidden_size}", f"num_heads:   {c.num_heads} (taken from the base model when they differ)",
+             f"hidden_size: {c.hidden_size}",
+             f"num_heads:   {c.num_heads} (taken from the base model when they differ)",
              f"mlp_ratio:   {c.mlp_ratio}", f"base model:  {'yes' if raw.has_base_model else 'no'}",
              f"made for:    {made_for}"]
     return "\n".join(lines)

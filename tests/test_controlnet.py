@@ -253,7 +253,8 @@ def test_not_a_controlnet_is_one_sentence(tmp_path):
     cases = {
         "sd_cn.safetensors": ({"input_hint_block.0.weight": torch.zeros(2, 3, 3, 3)}, "an SD1.x/SDXL ControlNet"),
         "flux_cn.safetensors": ({"controlnet_x_embedder.weight": torch.zeros(2, 2)}, "a Flux ControlNet"),
-        "pixart.safetensors": ({"t_block.1.weight": torch.zeros(2, 2)}, "a PixArt model, not a ControlNet"),
+        "pixart.safetensors": ({"t_block.1.weight": torch.zeros(2, 2)},
+                               "a PixArt model, not a PixArt ControlNet \\(load it with"),
         "other.safetensors": ({"foo.weight": torch.zeros(2)}, "not a PixArt ControlNet - it has neither"),
     }
     for name, (sd, message) in cases.items():

@@ -40,7 +40,8 @@ def cn(env):
     g = torch.Generator().manual_seed(3)
     load = env.n.PixArtSuiteControlNetLoader.execute
     return {"nets": nets, "vae": vae, "image": torch.rand(1, 128, 128, 3, generator=g),
-            "official": load("pixart_cn_official.safetensors")[0], "diffusers": load("[diffusers] pixart-cn-diffusers")[0],
+            "official": load("pixart_cn_official.safetensors")[0],
+            "diffusers": load("[diffusers] pixart-cn-diffusers")[0],
             "second": load("pixart_cn_second.pth")[0], "wide": load("pixart_cn_wide.safetensors")[0]}
 
 

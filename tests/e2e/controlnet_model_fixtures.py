@@ -132,15 +132,8 @@ def write_models(models_dir) -> None:
     torch.save({"params_ema": tiny_rrdbnet_state_dict()}, models / "upscale_models" / ESRGAN_X4)
     wide = sigma.replace(hidden_size=96, num_heads=6)
     save_controlnet(random_controlnet(wide, num_blocks=1, seed=8).state_dict(), models / "controlnet" / WRONG_WIDTH)
-    save_file({"input_hint_block.0.weight": torch.zeros(16, 3, 3, 3), "zero_convs.0.0.weight": torch.zeros(32, 32, 1, 1)},
-              str(models / "controlnet" / SD15_CONTROLNET))
+    save_file({"input_hint_block.0.weight": torch.zeros(16, 3, 3, 3),
+               "zero_convs.0.0.weight": torch.zeros(32, 32, 1, 1)}, str(models / "controlnet" / SD15_CONTROLNET))
     save_file({"lora_controlnet": torch.tensor([]), "input_hint_block.0.weight": torch.zeros(16, 3, 3, 3)},
               str(models / "controlnet" / CONTROL_LORA))
 
-
-if __name__ == "__main__":
-    target = Path(sys.argv[1] if len(sys.argv) > 1 else "models")
-    write_models(target)
-    for p in sorted(target.rglob("*")):
-        if p.is_file():
-            print(p)

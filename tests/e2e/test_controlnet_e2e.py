@@ -56,8 +56,9 @@ def test_a_file_that_is_no_pixart_controlnet(comfy, canny):
     e = run_failing(comfy, canny)
     assert (e.node_id, e.node_type) == (loader, "PixArtSuiteControlNetLoader")
     assert e.exception_message.strip().endswith(
-        f"{cfx.SD15_CONTROLNET}: this is an SD1.x/SDXL ControlNet, not a PixArt ControlNet; load a PixArt ControlNet "
-        "(PixArt-XL-2-1024-ControlNet.pth or a diffusers PixArt ControlNet) here")
+        f"{cfx.SD15_CONTROLNET}: this is an SD1.x/SDXL ControlNet, not a PixArt ControlNet (it steers its own model "
+        "family through ComfyUI's Load ControlNet Model); this loader needs a PixArt ControlNet such as "
+        "PixArt-XL-2-1024-ControlNet.pth or a diffusers-layout PixArt ControlNet")
 
 
 def test_a_controlnet_of_another_width(comfy, canny):

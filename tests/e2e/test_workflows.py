@@ -125,7 +125,8 @@ CASES = {
         # layers 1 and tiles of 128 px: the deeper half of the stand-in and several tiles, as at 4K
         overrides={"Pass 1 size: 2K": {"size_class": "256"}, "Pass 2 size: 4K bin": {"size_class": "256"},
                    "PixArtSuiteKVCompression": {"layers": "1"},
-                   "VAEEncodeTiled": {"tile_size": 128, "overlap": 32}, "VAEDecodeTiled": {"tile_size": 128, "overlap": 32}},
+                   "VAEEncodeTiled": {"tile_size": 128, "overlap": 32},
+                   "VAEDecodeTiled": {"tile_size": 128, "overlap": 32}},
         why="a 2K pass, an 8K upscale and a tiled 4K pass: many minutes here"),
 }
 
