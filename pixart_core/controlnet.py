@@ -92,7 +92,8 @@ class PixArtControlNet(nn.Module):
                              f"(PixArt-Σ and -α XL are 1152); use a ControlNet trained for this model")
         if cn.mlp_hidden != base.mlp_hidden or cn.qk_norm != base.qk_norm:
             raise ValueError(f"{name}'s blocks have another shape than the PixArt model's (MLP {cn.mlp_hidden} vs "
-                             f"{base.mlp_hidden} wide); use a ControlNet trained for this model")
+                             f"{base.mlp_hidden} wide, qk-norm {cn.qk_norm} vs {base.qk_norm}); use a ControlNet "
+                             f"trained for this model")
         if self.num_blocks >= base.depth:
             raise ValueError(f"{name} has {self.num_blocks} copied blocks but the PixArt model only {base.depth}; "
                              f"use a ControlNet trained for this model")
