@@ -5,6 +5,7 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
+from .controlnet import PixArtSuiteControlNetLoader
 from .kv_compression import PixArtSuiteKVCompression
 from .loaders import PixArtSuiteModelLoader, PixArtSuiteT5Loader
 from .lora import PixArtSuiteLoraLoader
@@ -23,6 +24,7 @@ NODES: list[type[io.ComfyNode]] = [
     PixArtSuiteResizeCrop,
     PixArtSuiteKVCompression,
     PixArtSuiteLoraLoader,
+    PixArtSuiteControlNetLoader,
 ]
 
 

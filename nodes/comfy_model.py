@@ -28,6 +28,7 @@ from ..pixart_core.loading import (CheckpointError, check_state_dict, config_fro
 log = logging.getLogger(__name__)
 
 KV_OPTION = "pixart_kv_compress"  # transformer_options key read by ComfyPixArtDiT
+CONTROL_KEY = "pixart_controlnet"  # the entry of ComfyUI's `control` dict our ControlNets fill (nodes/controlnet.py)
 
 
 @functools.cache
@@ -54,12 +55,23 @@ class ComfyPixArtDiT(PixArt):
                          operations=with_readable_linears(operations), init_weights=False)
         self.dtype = dtype  # ComfyUI reads the weight dtype from here
 
-    def forward(self, x, timesteps, context, context_mask=None, c_size=None, c_ar=None, transformer_options={},
-                **kwargs):
+    def forward(self, x, timesteps, context, context_mask=None, c_size=None, c_ar=None, control=None,
+                transformer_options={}, **kwargs):
         self.compute_dtype = x.dtype  # ComfyUI has already cast the input to the compute dtype
         out = super().forward(x, timesteps, context, context_mask, c_size, c_ar,
-                              kv_compress=transformer_options.get(KV_OPTION))
+                              kv_compress=transformer_options.get(KV_OPTION), controls=controls_of(control))
         return out[:, : self.config.in_channels]  # ε; ComfyUI has no use for the learned variance
+
+
+def controls_of(control) -> list:
+    """Our ControlNets' inputs from ComfyUI's `control` dict (residual lists come from other model families,
+    which PixArtSuiteModel.extra_conds refuses before sampling starts)."""
+    if not control:
+        return []
+    if any(control.get(k) for k in ("input", "middle", "output")):
+        raise ValueError("a ControlNet made for another model family reached the PixArt model; apply a PixArt "
+                         "ControlNet from 'Load PixArt ControlNet' instead")
+    return control.get(CONTROL_KEY, [])
 
 
 class PixArtModelSampling(comfy.model_sampling.EPS, comfy.model_sampling.ModelSamplingDiscrete):
@@ -82,6 +94,9 @@ class PixArtSuiteModel(comfy.model_base.PixArt):
         mask = kwargs.get("attention_mask")
         if mask is not None:  # our T5 encoder pads to the model's length and sends the mask along
             out["context_mask"] = comfy.conds.CONDRegular(mask)
+        if kwargs.get("control") is not None:  # here every sampler passes each cond once, before the first step
+            from .controlnet import check_control_chain
+            check_control_chain(kwargs["control"])
         return out
 
 
@@ -147,5 +162,5 @@ def with_kv_compression(model_patcher, kv: KVCompress):
     return patched
 
 
-__all__ = ["CheckpointError", "ComfyPixArtDiT", "KV_OPTION", "PixArtSuiteModel", "load_model",
+__all__ = ["CONTROL_KEY", "CheckpointError", "ComfyPixArtDiT", "KV_OPTION", "PixArtSuiteModel", "load_model",
            "pixart_config_of", "with_kv_compression"]

@@ -127,9 +127,15 @@ def _files(*folder_names: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _pixart_files_in_controlnet() -> list[str]:
+    """The official ControlNet .pth holds its PixArt-α base model too: one download serves both loaders."""
+    return [f for f in _files("controlnet") if "pixart" in f.lower()]
+
+
 def pixart_model_choices() -> list[str]:
-    """Files in diffusion_models and checkpoints, then PixArt diffusers folders (with DIFFUSERS_PREFIX)."""
-    return _files("diffusion_models", "checkpoints") + [DIFFUSERS_PREFIX + n for n, _, _ in _pixart_diffusers_folders()]
+    """Files in diffusion_models and checkpoints, PixArt files in controlnet, then PixArt diffusers folders."""
+    return (_files("diffusion_models", "checkpoints") + _pixart_files_in_controlnet()
+            + [DIFFUSERS_PREFIX + n for n, _, _ in _pixart_diffusers_folders()])
 
 
 def t5_choices() -> list[str]:
@@ -184,14 +190,15 @@ def resolve_choice(choice: str, input_name: str, file_folders: tuple[str, ...], 
             path = None
         if path:
             return Path(path)
-    where = " or ".join(_models_folder(f) for f in file_folders)
+    where = " or ".join(dict.fromkeys(_models_folder(f) for f in file_folders))  # aliases share folders
     source = where_to_get(choice)
     raise InputError(f"{input_name} {choice!r} is missing: put the file in {where}"
                      + (f" (download it from {source})" if source else "") + ", then press R to refresh the list")
 
 
 def resolve_pixart_model(ckpt_name: str) -> Path:
-    return resolve_choice(ckpt_name, "ckpt_name", ("diffusion_models", "checkpoints"),
+    folders = ("diffusion_models", "checkpoints") + (("controlnet",) if ckpt_name in _pixart_files_in_controlnet() else ())
+    return resolve_choice(ckpt_name, "ckpt_name", folders,
                           {DIFFUSERS_PREFIX: (_pixart_diffusers_folders, "diffusers")})
 
 
@@ -234,7 +241,8 @@ class PixArtSuiteModelLoader(io.ComfyNode):
                         "Works with stock samplers, LoRA loaders and the PixArt Sampler.",
             inputs=[
                 io.Combo.Input("ckpt_name", options=choices, default=default_choice(choices, RECOMMENDED_MODEL),
-                               tooltip="The PixArt weights: files from models/diffusion_models and models/checkpoints, "
+                               tooltip="The PixArt weights: files from models/diffusion_models and models/checkpoints (and "
+                                       "PixArt ControlNet .pth files from models/controlnet, which hold a PixArt-α), "
                                        f"and diffusers folders from models/diffusers (listed as '{DIFFUSERS_PREFIX}name')."),
                 io.Combo.Input("preset", options=["auto", *PRESETS], default="auto",
                                tooltip="auto reads the configuration from the file (weights, diffusers config, name). "

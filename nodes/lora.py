@@ -193,7 +193,7 @@ class PixArtSuiteLoraLoader(io.ComfyNode):
                         "were not.",
             inputs=[
                 io.Model.Input("model", tooltip="A PixArt model ('Load PixArt-Σ Model' or ComfyUI's own)."),
-                io.Combo.Input("lora_name", options=loras, default=loras[0] if loras else None,
+                io.Combo.Input("lora_name", options=loras, default=loras[0] if loras else "",
                                tooltip="The LoRA file in models/loras. A PEFT LoRA's adapter_config.json may sit "
                                        "next to it (as adapter_config.json or <name>.json) for its alpha."),
                 io.Float.Input("strength_model", default=1.0, min=-100.0, max=100.0, step=0.01,

@@ -14,13 +14,24 @@ from .hub import DownloadError
 
 
 def _inspect(args):
+    from .controlnet import describe_controlnet, file_parts
     from .loading import describe
-    print(describe(args.checkpoint))
+    parts = file_parts(args.checkpoint)
+    if "controlnet" in parts:
+        print(describe_controlnet(args.checkpoint))
+    if "model" in parts:
+        if "controlnet" in parts:
+            print("\nthe PixArt model in the same file (the model loader reads it):")
+        print(describe(args.checkpoint))
 
 
 def _convert(args):
+    from .controlnet import convert_controlnet, file_parts
     from .loading import convert
-    out = convert(args.source, args.output, layout=args.layout)
+    if "controlnet" in file_parts(args.source) and not args.base_model:
+        out = convert_controlnet(args.source, args.output, layout=args.layout)
+    else:
+        out = convert(args.source, args.output, layout=args.layout)
     print(f"wrote {out}")
 
 
@@ -119,15 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pixart_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("inspect", help="print what a checkpoint contains and the configuration detected")
+    p = sub.add_parser("inspect", help="print what a checkpoint or ControlNet contains and the configuration detected")
     p.add_argument("checkpoint")
     p.set_defaults(run=_inspect)
 
-    p = sub.add_parser("convert", help="convert between the official .pth, .safetensors and diffusers layouts")
+    p = sub.add_parser("convert", help="convert a model or a ControlNet between the official .pth, .safetensors and "
+                                       "diffusers layouts")
     p.add_argument("source")
     p.add_argument("output", help="x.pth, x.safetensors or a folder name (diffusers)")
     p.add_argument("--layout", choices=["official", "diffusers"], default="official",
                    help="key layout of a .safetensors output (folders are always diffusers)")
+    p.add_argument("--base-model", action="store_true",
+                   help="of an official ControlNet .pth (PixArt-α + control branch), convert the PixArt-α model "
+                        "instead of the ControlNet")
     p.set_defaults(run=_convert)
 
     p = sub.add_parser("lora", help="inspect a PixArt LoRA/LyCORIS of any trainer, or convert it to diffusers/PEFT names")

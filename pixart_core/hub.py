@@ -59,6 +59,9 @@ FILES: dict[str, HubFile] = {f.name: f for f in (
         "PixArt-Sigma-XL-2-1024-MS.pth", "PixArt-Sigma-XL-2-2K-MS.pth")),
     *(HubFile(n, "diffusion_models", "PixArt-alpha/PixArt-alpha", n, also_in=_DIT) for n in (
         "PixArt-XL-2-256x256.pth", "PixArt-XL-2-512x512.pth", "PixArt-XL-2-1024-MS.pth")),
+    # the official ControlNet files hold the whole PixArt-α base model too (both loaders read them)
+    *(HubFile(n, "controlnet", "PixArt-alpha/PixArt-ControlNet", n) for n in (
+        "PixArt-XL-2-512-ControlNet.pth", "PixArt-XL-2-1024-ControlNet.pth")),
     HubFile("t5xxl_fp16.safetensors", "text_encoders", "comfyanonymous/flux_text_encoders",
             "t5xxl_fp16.safetensors", also_in=_TE,
             sha256="6e480b09fae049a72d2a8c5fbccb8d3e92febeb233bbe9dfe7256958a9167635"),
@@ -84,12 +87,14 @@ SETS: dict[str, tuple[str, ...]] = {
     "alpha-256": ("PixArt-XL-2-256x256.pth", _ALPHA_VAE),
     "alpha-512": ("PixArt-XL-2-512x512.pth", _ALPHA_VAE),
     "alpha-1024": ("PixArt-XL-2-1024-MS.pth", _ALPHA_VAE),
+    "alpha-1024-controlnet": ("PixArt-XL-2-1024-ControlNet.pth", _ALPHA_VAE),  # the HED ControlNet and its α
 }
 
 
 # the file each loader suggests (its dropdown's default) when the user has none of that kind
 RECOMMENDED_MODEL = "PixArt-Sigma-XL-2-1024-MS.pth"
 RECOMMENDED_T5 = T5["fp16"]
+RECOMMENDED_CONTROLNET = "PixArt-XL-2-1024-ControlNet.pth"  # the only released one (α, HED)
 # (file-name pattern, repository) for names outside FILES: converted copies and other variants
 _FAMILIES = (
     (r"PixArt-Sigma-XL-2-.*\.(pth|safetensors)", "PixArt-alpha/PixArt-Sigma"),

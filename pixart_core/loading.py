@@ -128,8 +128,8 @@ class RawCheckpoint:
     metadata: dict = field(default_factory=dict)
 
 
-def read_checkpoint(path) -> RawCheckpoint:
-    """Any supported file or folder -> its state dict in the official layout."""
+def read_state_dict(path) -> tuple[Path, dict, dict, dict | None]:
+    """(path, state dict as stored, safetensors metadata, diffusers config.json) of a file or folder."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
@@ -142,6 +142,12 @@ def read_checkpoint(path) -> RawCheckpoint:
         sd = read_pth(path)
     else:
         raise CheckpointError(f"{path}: unsupported file type {path.suffix!r}; use .pth, .safetensors or a diffusers folder")
+    return path, sd, metadata, diffusers_config
+
+
+def read_checkpoint(path) -> RawCheckpoint:
+    """Any supported file or folder -> its state dict in the official layout."""
+    path, sd, metadata, diffusers_config = read_state_dict(path)
     sd = _strip_prefix(sd)
     layout = detect_layout(sd, path)
     if layout == "diffusers":
@@ -150,8 +156,9 @@ def read_checkpoint(path) -> RawCheckpoint:
 
 
 def _strip_prefix(sd: dict) -> dict:
-    """Full checkpoints saved by ComfyUI put the denoiser under `model.diffusion_model.`."""
-    for prefix in ("model.diffusion_model.", "diffusion_model.", "transformer."):
+    """Full checkpoints saved by ComfyUI put the denoiser under `model.diffusion_model.`; the official
+    ControlNet files (PixArt-δ) carry a whole PixArt-α under `base_model.` beside the control branch."""
+    for prefix in ("model.diffusion_model.", "diffusion_model.", "transformer.", "base_model."):
         if any(k.startswith(prefix) for k in sd):
             inner = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
             if "t_block.1.weight" in inner or "adaln_single.linear.weight" in inner:
@@ -169,6 +176,10 @@ _OTHER_MODELS = [  # (a key that identifies it, what it is, what to do instead)
     ("encoder.block.0.layer.0.SelfAttention.q.weight", "a T5 text encoder", "load it with the T5 loader"),
     ("text_model.encoder.layers.0.self_attn.q_proj.weight", "a CLIP text encoder", "PixArt needs T5-XXL"),
     ("decoder.conv_in.weight", "a VAE", "load it with ComfyUI's Load VAE"),
+    ("controlnet.0.after_proj.weight", "a PixArt ControlNet without a base model",
+     "load it with 'Load PixArt ControlNet' and the PixArt model it was trained for with this loader"),
+    ("controlnet_blocks.0.after_proj.weight", "a PixArt ControlNet (diffusers layout)",
+     "load it with 'Load PixArt ControlNet' and the PixArt model it was trained for with this loader"),
     ("first_stage_model.decoder.conv_in.weight", "a checkpoint with a VAE", "load it with ComfyUI's Load Checkpoint"),
 ]
 
@@ -321,6 +332,11 @@ def _size_from_name(path) -> int | None:
     return None
 
 
+def default_num_heads(hidden_size: int) -> int:
+    """Heads leave no trace in the weights: 72-wide heads as every released model, else 16-wide."""
+    return hidden_size // 72 if hidden_size % 72 == 0 else max(1, hidden_size // 16)
+
+
 def detect_config(raw: RawCheckpoint, **overrides) -> tuple[PixArtConfig, dict]:
     """Everything the weights (and a diffusers config or our metadata) say, plus explicit overrides.
 
@@ -369,7 +385,7 @@ def detect_config(raw: RawCheckpoint, **overrides) -> tuple[PixArtConfig, dict]:
     if dc.get("num_attention_heads"):
         put("num_heads", dc["num_attention_heads"], "diffusers config")
     D = values["hidden_size"]
-    put("num_heads", D // 72 if D % 72 == 0 else max(1, D // 16), "head width 72 (released models) or 16")
+    put("num_heads", default_num_heads(D), "head width 72 (released models) or 16")
     micro = "csize_embedder.mlp.0.weight" in sd
     put("micro_condition", micro, "weights")
     put("qk_norm", "blocks.0.attn.q_norm.weight" in sd, "weights")
@@ -528,27 +544,34 @@ def check_output(out, layout: str = "official", inputs=()) -> Path:
     return prepare_output(out, inputs, None if out.suffix else DIFFUSERS_FILES)
 
 
-def save_checkpoint(sd: dict, config: PixArtConfig, out, layout: str = "official", inputs=()) -> Path:
-    """Write an official-layout state dict as `.pth` (official container), `.safetensors`
-    (official or diffusers layout) or a diffusers folder (a path without a suffix). Each file is
-    written atomically; `inputs` (files being read) are never overwritten."""
+def write_state_dict(sd: dict, out, layout: str, to_diffusers, folder_config: dict, metadata: dict | None = None,
+                     inputs=()) -> Path:
+    """Write an official-layout state dict as `.pth` (official container), `.safetensors` (official or
+    diffusers layout, via `to_diffusers(sd, path)`) or a diffusers folder (a path without a suffix:
+    `folder_config` as config.json + diffusion_pytorch_model.safetensors). Each file is written
+    atomically; `inputs` (files being read) are never overwritten."""
     out = check_output(out, layout, inputs)
-    sd = {k: v.contiguous() for k, v in sd.items() if k not in IGNORED_KEYS}
+    sd = {k: v.contiguous() for k, v in sd.items()}
     if out.suffix == ".pth":
         save_result(out, lambda tmp: torch.save({"state_dict": sd}, tmp), "checkpoint", rescue=False)
         return out
     from safetensors.torch import save_file
-    meta = {CONFIG_METADATA_KEY: json.dumps(config.to_dict())}
     if out.suffix == ".safetensors":
-        tensors = official_to_diffusers(sd, out) if layout == "diffusers" else sd
-        save_result(out, lambda tmp: save_file(tensors, str(tmp), metadata=meta), "checkpoint", rescue=False)
+        tensors = to_diffusers(sd, out) if layout == "diffusers" else sd
+        save_result(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), "checkpoint", rescue=False)
         return out
-    tensors = official_to_diffusers(sd, out)
-    config_json = json.dumps(diffusers_config(config), indent=2)
+    tensors = to_diffusers(sd, out)
+    config_json = json.dumps(folder_config, indent=2)
     save_result(out / DIFFUSERS_FILES[0], lambda tmp: tmp.write_text(config_json), "config", rescue=False)
-    save_result(out / DIFFUSERS_FILES[1], lambda tmp: save_file(tensors, str(tmp), metadata=meta), "checkpoint",
+    save_result(out / DIFFUSERS_FILES[1], lambda tmp: save_file(tensors, str(tmp), metadata=metadata), "checkpoint",
                 rescue=False)
     return out
+
+
+def save_checkpoint(sd: dict, config: PixArtConfig, out, layout: str = "official", inputs=()) -> Path:
+    """A PixArt model's state dict (official layout) in any container; see write_state_dict."""
+    return write_state_dict({k: v for k, v in sd.items() if k not in IGNORED_KEYS}, out, layout, official_to_diffusers,
+                            diffusers_config(config), {CONFIG_METADATA_KEY: json.dumps(config.to_dict())}, inputs)
 
 
 def convert(src, out, layout: str = "official", **overrides) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -396,6 +397,30 @@ class PixArtBlock(nn.Module):
         return out
 
 
+@dataclass
+class BlockInputs:
+    """What every block sees in one forward call besides the token stream. `run` is the one place a
+    block is called, so anything that runs a copy of block i (a ControlNet) runs it exactly as block
+    i: same captions, modulation, mask, KV compression of layer i and MLP chunking."""
+    y: torch.Tensor  # (B, L, D) projected captions
+    t0: torch.Tensor  # (B, 6D) timestep (+ micro-condition) modulation
+    mask: torch.Tensor | None  # (B, 1, 1, L) bool, or None when every caption token is valid
+    hw: tuple[int, int]  # token grid h, w
+    kv: KVCompress
+    ff_chunk: int | None
+    shared: bool  # all samples share t0 (one timestep, always so under CFG)
+
+    def run(self, block: PixArtBlock, i: int, tokens: torch.Tensor) -> torch.Tensor:
+        return block(tokens, self.y, self.t0, self.mask, self.hw, self.kv.for_layer(i), self.ff_chunk, self.shared)
+
+
+class BlockHook(Protocol):
+    """Something that reads the token stream after block i and adds to it (a ControlNet branch)."""
+
+    def after_block(self, i: int, tokens: torch.Tensor, inputs: BlockInputs) -> torch.Tensor | None:
+        """(B, N, D) to add to the stream before block i+1, or None."""
+
+
 class FinalLayer(nn.Module):
     def __init__(self, hidden_size, patch_size, out_channels, dtype=None, device=None, operations=CastOps):
         super().__init__()
@@ -509,6 +534,21 @@ class PixArt(nn.Module):
         context, mask = context[:, :used], mask[:, :used]
         return context, (None if mask.all() else mask[:, None, None, :])
 
+    def embed(self, x, dtype):
+        """(B, C_in, H, W) latent -> (B, N, D) tokens with their position embedding (image and ControlNet hint)."""
+        p = self.config.patch_size
+        tokens = self.x_embedder(x.to(dtype))  # (B, N, D)
+        return tokens + self.pos_embed(x.shape[-2] // p, x.shape[-1] // p, tokens.device, dtype)
+
+    def run_blocks(self, tokens, inputs: BlockInputs, hooks: Sequence[BlockHook] = ()):
+        """The block loop. Hooks all read the stream as block i left it; their outputs add (chained
+        ControlNets sum their contributions)."""
+        for i, block in enumerate(self.blocks):
+            tokens = inputs.run(block, i, tokens)  # (B, N, D)
+            for extra in [e for hook in hooks if (e := hook.after_block(i, tokens, inputs)) is not None]:
+                tokens = tokens + extra if torch.is_grad_enabled() else tokens.add_(extra)
+        return tokens
+
     def unpatchify(self, x, h, w):
         p, c = self.config.patch_size, self.config.out_channels
         x = x.reshape(x.shape[0], h, w, p, p, c)
@@ -518,13 +558,14 @@ class PixArt(nn.Module):
     # -- forward --------------------------------------------------------------------
 
     def forward(self, x, timesteps, context, context_mask=None, c_size=None, c_ar=None,
-                kv_compress: KVCompress | None = None, **kwargs):
+                kv_compress: KVCompress | None = None, controls: Sequence = (), **kwargs):
         """
         x: (B, C_in, H, W) latent, H and W divisible by the patch size.
         timesteps: (B,) float, 0..999 scale (non-integer allowed).
         context: (B, L, C) or (B, 1, L, C) caption embeddings; context_mask: (B, L), 1 = valid.
         c_size: (B, 2) image height, width in px; c_ar: (B, 1) aspect ratio (α-1024 micro-conditioning).
         kv_compress: per-call override of the configured KV compression.
+        controls: ControlNets to apply (controlnet.ControlInput: net, hint latent, strength); they add up.
         Returns (B, C_out, H, W): ε in the first C_in channels, the learned variance in the rest.
         """
         cfg = self.config
@@ -540,8 +581,7 @@ class PixArt(nn.Module):
         if timesteps.numel() == 1:
             timesteps = timesteps.expand(B)
 
-        tokens = self.x_embedder(x.to(dtype))  # (B, N, D)
-        tokens = tokens + self.pos_embed(h, w, tokens.device, dtype)  # (B, N, D)
+        tokens = self.embed(x, dtype)  # (B, N, D)
         t = self.t_embedder(timesteps, dtype)  # (B, D)
         if cfg.micro_condition:
             if c_size is None:
@@ -555,7 +595,8 @@ class PixArt(nn.Module):
 
         kv = kv_compress if kv_compress is not None else self.kv_compress
         shared = B == 1 or bool((t0 == t0[:1]).all())  # one timestep for the batch (always under CFG)
-        for i, block in enumerate(self.blocks):
-            tokens = block(tokens, y, t0, mask, (h, w), kv.for_layer(i), self.ff_chunk, shared)  # (B, N, D)
+        inputs = BlockInputs(y, t0, mask, (h, w), kv, self.ff_chunk, shared)
+        hooks = [hook for c in controls if (hook := c.start(self, inputs)) is not None]
+        tokens = self.run_blocks(tokens, inputs, hooks)  # (B, N, D)
         tokens = self.final_layer(tokens, t)  # (B, N, p·p·C_out)
         return self.unpatchify(tokens, h, w)

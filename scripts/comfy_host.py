@@ -141,11 +141,17 @@ _STUB_MODULES = ("", "transforms", "transforms/functional", "transforms/v2", "tr
                  "ops", "io", "utils")
 # transformers treats any findable torchvision as real and imports these names from it at module
 # level (image_utils), e.g. when T5EncoderModel is imported: give it the names, nothing behind them.
+# spandrel (the upscale-model loader behind ComfyUI's Load Upscale Model) imports these at start-up,
+# for its LaMa and RestoreFormer architectures only: the ESRGAN family never calls them.
+_SPANDREL_NAMES = ("\nfrom torchvision.transforms import InterpolationMode  # noqa: F401\n\n\n"
+                   "def rotate(*args, **kwargs):\n    raise NotImplementedError('torchvision stand-in')\n\n\n"
+                   "def normalize(*args, **kwargs):\n    raise NotImplementedError('torchvision stand-in')\n")
 _STUB_EXTRAS = {
     "transforms": "\nimport enum\n\n\nclass InterpolationMode(enum.Enum):\n    NEAREST = 'nearest'\n"
                   "    NEAREST_EXACT = 'nearest-exact'\n    BILINEAR = 'bilinear'\n    BICUBIC = 'bicubic'\n"
                   "    BOX = 'box'\n    HAMMING = 'hamming'\n    LANCZOS = 'lanczos'\n",
-    "transforms/functional": "\n\ndef pil_to_tensor(pic):\n    raise NotImplementedError('torchvision stand-in')\n",
+    "transforms/functional": "\n\ndef pil_to_tensor(pic):\n    raise NotImplementedError('torchvision stand-in')\n"
+                             + _SPANDREL_NAMES,
 }
 
 

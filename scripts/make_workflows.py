@@ -43,6 +43,11 @@ PIXART_1024 = "PixArt-Sigma-XL-2-1024-MS.pth"
 PIXART_2K = "PixArt-Sigma-XL-2-2K-MS.pth"
 T5_XXL = "t5xxl_fp16.safetensors"
 SDXL_VAE = "sdxl_vae.safetensors"
+ALPHA_CONTROLNET = "PixArt-XL-2-1024-ControlNet.pth"
+SIGMA_CANNY = "pixart_sigma_controlnet_canny.safetensors"
+SD15_VAE = "vae-ft-ema-560000-ema-pruned.safetensors"
+ESRGAN_X4 = "RealESRGAN_x4plus.pth"
+HED_IMAGE = "hed_map.png"
 
 PROMPT = ("A small cactus with a happy face in the Sahara desert, golden hour, soft light, highly detailed, "
           "sharp focus")
@@ -51,6 +56,13 @@ SEED = 42
 
 # file name -> "folder - source" for the Read-me notes, from the table of released files
 MODELS_NOTE = {name: f"ComfyUI/models/{f.directory}/ - from huggingface.co/{f.repo}" for name, f in MODEL_FILES.items()}
+MODELS_NOTE[ALPHA_CONTROLNET] += " (holds the PixArt-α model too: both loaders read it)"
+MODELS_NOTE.update({  # files outside the table: not released on the Hub under one name
+    SIGMA_CANNY: "ComfyUI/models/controlnet/ - your own PixArt-Σ canny ControlNet (none was released; e.g. "
+                 "trained with SimpleTuner), any name",
+    ESRGAN_X4: "ComfyUI/models/upscale_models/ - from github.com/xinntao/Real-ESRGAN releases (any ESRGAN-family "
+               "x4 model works)",
+})
 
 
 def model_entry(f: HubFile) -> dict:
@@ -223,15 +235,16 @@ def _note(models: list[str], what: str, extra: str = "") -> str:
     return "\n".join(lines)
 
 
-def _common(wf: Workflow, ckpt: str, note: str, note_pos=(X0, 640)) -> dict[str, int]:
+def _common(wf: Workflow, ckpt: str, note: str, note_pos=(X0, 640), vae: str = SDXL_VAE, prompt: str = PROMPT,
+            **encode) -> dict[str, int]:
     """Loaders, prompts and the VAE shared by every workflow."""
     ids = {
         "model": wf.node("PixArtSuiteModelLoader", (X0, 0), (360, 180), {"ckpt_name": ckpt}, color=OURS),
         "t5": wf.node("PixArtSuiteT5Loader", (X0, 230), (360, 110), {"t5_name": T5_XXL}, color=OURS),
-        "vae": wf.node("VAELoader", (X0, 390), (360, 60), {"vae_name": SDXL_VAE}),
-        "pos": wf.node("PixArtSuiteT5TextEncode", (X1, 0), (430, 200), {"text": PROMPT}, title="Positive prompt",
-                       color=OURS),
-        "neg": wf.node("PixArtSuiteT5TextEncode", (X1, 250), (430, 160), {"text": NEGATIVE},
+        "vae": wf.node("VAELoader", (X0, 390), (360, 60), {"vae_name": vae}),
+        "pos": wf.node("PixArtSuiteT5TextEncode", (X1, 0), (430, 200), {"text": prompt, **encode},
+                       title="Positive prompt", color=OURS),
+        "neg": wf.node("PixArtSuiteT5TextEncode", (X1, 250), (430, 160), {"text": NEGATIVE, **encode},
                        title="Negative prompt (empty, as the official inference)", color=OURS),
     }
     wf.note(note, note_pos, (400, 300))
@@ -241,12 +254,17 @@ def _common(wf: Workflow, ckpt: str, note: str, note_pos=(X0, 640)) -> dict[str,
 
 
 def _sampler(wf: Workflow, pos, model: int, ids: Mapping[str, int], latent: tuple[int, int | str], steps: int = 20,
-             denoise: float = 1.0, title: str | None = None, **widgets) -> int:
+             denoise: float = 1.0, title: str | None = None, conds: int | None = None, **widgets) -> int:
+    """PixArt Sampler on the prompts, or on the positive/negative outputs of node `conds` (Apply ControlNet)."""
     s = wf.node("PixArtSuiteSampler", pos, (330, 330),
                 {"seed": SEED, "steps": steps, "cfg": 4.5, "denoise": denoise, **widgets}, title=title, color=OURS)
     wf.link(model, 0, s, "model")
-    wf.link(ids["pos"], 0, s, "positive")
-    wf.link(ids["neg"], 0, s, "negative")
+    if conds is None:
+        wf.link(ids["pos"], 0, s, "positive")
+        wf.link(ids["neg"], 0, s, "negative")
+    else:
+        wf.link(conds, "positive", s, "positive")
+        wf.link(conds, "negative", s, "negative")
     wf.link(latent[0], latent[1], s, "latent_image")
     return s
 
@@ -400,7 +418,103 @@ def ksampler_stock(oi) -> tuple[Workflow, str]:
     return wf, "1024 x 1024"
 
 
-BUILDERS = [txt2img_1024, txt2img_2k, txt2img_4k, hires_fix, img2img, sampler_custom_advanced, ksampler_stock]
+def _apply_controlnet(wf: Workflow, pos, cn_name: str, image: int, ids: Mapping[str, int], strength: float = 1.0,
+                      title: str | None = None) -> tuple[int, int]:
+    """Load PixArt ControlNet + the stock Apply ControlNet (with the VAE): (apply node, controlnet loader)."""
+    cn = wf.node("PixArtSuiteControlNetLoader", (pos[0], pos[1]), (360, 60), {"control_net_name": cn_name}, color=OURS)
+    apply = wf.node("ControlNetApplyAdvanced", (pos[0], pos[1] + 110), (360, 190),
+                    {"strength": strength, "start_percent": 0.0, "end_percent": 1.0}, title=title)
+    wf.link(ids["pos"], 0, apply, "positive")
+    wf.link(ids["neg"], 0, apply, "negative")
+    wf.link(cn, 0, apply, "control_net")
+    wf.link(image, 0, apply, "image")
+    wf.link(ids["vae"], 0, apply, "vae")
+    return apply, cn
+
+
+def controlnet_canny(oi) -> tuple[Workflow, str]:
+    wf = Workflow("controlnet_canny", oi)
+    ids = _common(wf, PIXART_1024, _note([PIXART_1024, SIGMA_CANNY, T5_XXL, SDXL_VAE], "PixArt-Σ with a canny ControlNet",
+                                         "Load Image -> PixArt Resize & Crop (edges at the size generated) -> ComfyUI's "
+                                         "Canny -> Apply ControlNet (the stock node: strength, start/end percent; its "
+                                         "vae input encodes the edge map as an SDXL latent; a hint of another size is "
+                                         "resized and centre-cropped to the latent). No Σ ControlNet "
+                                         "was released: use one you trained (SimpleTuner, diffusers layout) or "
+                                         "converted; chain a second Apply ControlNet to combine two."),
+                  note_pos=(X0, 1000))
+    load = wf.node("LoadImage", (X0, 500), (360, 320), {"image": "example.png"})
+    res = wf.node("PixArtSuiteResolution", (X1, 810), (430, 180),
+                  {"size_class": "from model", "aspect_ratio": "1.00 square"}, color=OURS)
+    wf.link(ids["model"], 0, res, "model")
+    crop = wf.node("PixArtSuiteResizeCrop", (X0, 870), (360, 100), {"width": 1024, "height": 1024}, color=OURS)
+    wf.link(load, 0, crop, "image")
+    wf.link(res, "width", crop, "width")
+    wf.link(res, "height", crop, "height")
+    canny = wf.node("Canny", (X1, 1040), (430, 90), {"low_threshold": 0.4, "high_threshold": 0.8})
+    wf.link(crop, 0, canny, "image")
+    apply, _ = _apply_controlnet(wf, (X1, 460), SIGMA_CANNY, canny, ids, strength=0.9)
+    s = _sampler(wf, (X2, 0), ids["model"], ids, (res, "latent"), conds=apply)
+    _decode_save(wf, s, 0, ids["vae"], "PixArt-Sigma_controlnet_canny")
+    return wf, "1024 x 1024"
+
+
+def controlnet_hed_alpha(oi) -> tuple[Workflow, str]:
+    wf = Workflow("controlnet_hed_alpha", oi)
+    ids = _common(wf, ALPHA_CONTROLNET, _note([ALPHA_CONTROLNET, T5_XXL, SD15_VAE], "PixArt-α HED ControlNet (as released)",
+                                              "The official PixArt-δ ControlNet file holds the PixArt-α 1024 model and "
+                                              "its HED control branch: both loaders read the same file. The hint is an "
+                                              "HED edge map (white edges on black), e.g. from comfyui_controlnet_aux's "
+                                              "HED Soft-Edge Lines node or any HED preprocessor, saved as an image; α "
+                                              "uses the SD1.5 VAE and 120 T5 tokens. Official settings: 14 steps, CFG 4.5."),
+                  note_pos=(X0, 900), vae=SD15_VAE, max_length="α: 120 tokens",
+                  prompt="a modern living room with large windows, soft daylight, photorealistic")
+    hed = wf.node("LoadImage", (X0, 500), (360, 320), {"image": HED_IMAGE}, title="HED map (from a preprocessor)")
+    apply, _ = _apply_controlnet(wf, (X1, 460), ALPHA_CONTROLNET, hed, ids)
+    res = wf.node("PixArtSuiteResolution", (X1, 810), (430, 180),
+                  {"size_class": "from model", "aspect_ratio": "1.00 square"}, color=OURS)
+    wf.link(ids["model"], 0, res, "model")
+    s = _sampler(wf, (X2, 0), ids["model"], ids, (res, "latent"), steps=14, conds=apply)
+    _decode_save(wf, s, 0, ids["vae"], "PixArt-alpha_controlnet_hed")
+    return wf, "1024 x 1024"
+
+
+def upscale_refine_4k(oi) -> tuple[Workflow, str]:
+    wf = Workflow("upscale_refine_4k", oi)
+    ids = _common(wf, PIXART_2K, _note([PIXART_2K, ESRGAN_X4, T5_XXL, SDXL_VAE], "PixArt-Σ 2K -> model upscaler -> 4K refine",
+                                       "Pass 1 makes a 2K image. An ESRGAN-family upscaler (stock Load Upscale Model + "
+                                       "Upscale Image (using Model)) enlarges it 4x, PixArt Resize & Crop fits it to the "
+                                       "4096 bin, and pass 2 re-noises it lightly (denoise 0.3) with the 2K weights and "
+                                       "KV compression on blocks 14-27, tiled VAE encode and decode keeping 4K in memory."),
+                  note_pos=(X0, 1100))
+    res1 = wf.node("PixArtSuiteResolution", (X1, 460), (430, 180), {"size_class": "2048", "aspect_ratio": "1.00 square"},
+                   title="Pass 1 size: 2K", color=OURS)
+    first = _sampler(wf, (X2, 0), ids["model"], ids, (res1, "latent"), title="Pass 1: 2K")
+    dec1 = wf.node("VAEDecodeTiled", (X2, 380), (330, 150), {"tile_size": 1024, "overlap": 64})
+    wf.link(first, 0, dec1, "samples")
+    wf.link(ids["vae"], 0, dec1, "vae")
+    up_model = wf.node("UpscaleModelLoader", (X0, 500), (360, 60), {"model_name": ESRGAN_X4})
+    up = wf.node("ImageUpscaleWithModel", (X2, 580), (330, 50))
+    wf.link(up_model, 0, up, "upscale_model")
+    wf.link(dec1, 0, up, "image")
+    res2 = wf.node("PixArtSuiteResolution", (X1, 690), (430, 180), {"size_class": "4096", "aspect_ratio": "1.00 square"},
+                   title="Pass 2 size: 4K bin", color=OURS)
+    crop = wf.node("PixArtSuiteResizeCrop", (X2, 680), (330, 100), {"width": 4096, "height": 4096}, color=OURS)
+    wf.link(up, 0, crop, "image")
+    wf.link(res2, "width", crop, "width")
+    wf.link(res2, "height", crop, "height")
+    enc = wf.node("VAEEncodeTiled", (X2, 830), (330, 150), {"tile_size": 1024, "overlap": 64})
+    wf.link(crop, 0, enc, "pixels")
+    wf.link(ids["vae"], 0, enc, "vae")
+    kv = wf.node("PixArtSuiteKVCompression", (X0, 610), (360, 130), {"layers": "14-27", "ratio": 2, "mode": "avgpool"},
+                 color=OURS)
+    wf.link(ids["model"], 0, kv, "model")
+    second = _sampler(wf, (X3, 0), kv, ids, (enc, 0), denoise=0.3, title="Pass 2: 4K refine, denoise 0.3")
+    _decode_save(wf, second, 0, ids["vae"], "PixArt-Sigma_upscale_refine_4K", tiled=True, x=X3 + 380)
+    return wf, "2048 -> x4 -> 4096 x 4096"
+
+
+BUILDERS = [txt2img_1024, txt2img_2k, txt2img_4k, hires_fix, img2img, sampler_custom_advanced, ksampler_stock,
+            controlnet_canny, controlnet_hed_alpha, upscale_refine_4k]
 
 
 # --------------------------------------------------------------------------------------------
@@ -409,7 +523,8 @@ BUILDERS = [txt2img_1024, txt2img_2k, txt2img_4k, hires_fix, img2img, sampler_cu
 
 LINK_COLORS = {"MODEL": "#b39ddb", "CLIP": "#ffd500", "CONDITIONING": "#ffa931", "LATENT": "#ff9cf9",
                "VAE": "#ff6e6e", "IMAGE": "#64b5f6", "INT": "#7fd07f", "SAMPLER": "#ecb4b4", "SIGMAS": "#cdffcd",
-               "NOISE": "#b0b0b0", "GUIDER": "#66ffff", "MASK": "#81c784"}
+               "NOISE": "#b0b0b0", "GUIDER": "#66ffff", "MASK": "#81c784", "CONTROL_NET": "#00d78d",
+               "UPSCALE_MODEL": "#a0a0ff"}
 
 
 def render_thumbnail(workflow: Mapping, title: str, subtitle: str, path: Path, width: int = 640,
@@ -483,6 +598,9 @@ TITLES = {
     "img2img": "PixArt-Σ · image to image",
     "sampler_custom_advanced": "PixArt-Σ · SamplerCustomAdvanced",
     "ksampler_stock": "PixArt-Σ · stock KSampler",
+    "controlnet_canny": "PixArt-Σ · canny ControlNet",
+    "controlnet_hed_alpha": "PixArt-α · HED ControlNet (official)",
+    "upscale_refine_4k": "PixArt-Σ · 2K → ESRGAN ×4 → 4K refine",
 }
 
 

@@ -14,5 +14,7 @@ quiet python -m pip install -q --upgrade pip
 quiet python -m pip install -q torch==2.13.0
 echo "torch==2.13.0" > .venv/torch-constraint.txt
 quiet python -m pip install -q -c .venv/torch-constraint.txt -r requirements-dev.txt
+nodeps=$(sed -n 's/^# no-deps: *//p' requirements-dev.txt)
+[ -z "$nodeps" ] || quiet python -m pip install -q --no-deps -c .venv/torch-constraint.txt $nodeps
 rm -f .venv/.stamp-*
 touch "$stamp"

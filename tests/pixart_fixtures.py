@@ -40,3 +40,10 @@ def inputs(config, batch=2, height=16, width=24, length=None, seed=1, masked=Tru
 
 def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def random_controlnet(base_config, num_blocks=1, seed=5):
+    """A PixArt ControlNet for `base_config` with every weight non-zero, before/after_proj included
+    (their official initialisation is zero, which would make the branch a no-op)."""
+    from pixart_core.controlnet import PixArtControlNet
+    return randomize(PixArtControlNet(base_config.replace(depth=num_blocks, kv_compress_layers=())), seed).eval()

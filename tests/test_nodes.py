@@ -112,7 +112,7 @@ def run_sampler(env, model=None, seed=0, steps=3, cfg=4.5, sampler="dpmpp_2m", g
 def test_every_node_is_registered_documented_and_prefixed(env):
     extension = asyncio.run(env.pack.comfy_entrypoint())
     nodes = asyncio.run(extension.get_node_list())
-    assert [c.__name__ for c in nodes] == [c.__name__ for c in env.n.NODES] and len(nodes) == 10
+    assert [c.__name__ for c in nodes] == [c.__name__ for c in env.n.NODES] and len(nodes) == 11
     for cls in nodes:
         schema = cls.GET_SCHEMA()
         assert schema.node_id.startswith("PixArtSuite") and schema.node_id == cls.__name__
@@ -372,7 +372,8 @@ def test_stock_ksampler_runs_on_our_model(env):
     assert out.shape == latent.shape and torch.isfinite(out).all() and out.abs().sum() > 0
 
 
-def test_sampler_accepts_comfyuis_native_pixart_model(env):
+def native_pixart(env):
+    """ComfyUI's own PixArt model (model_base.PixArt) with the tiny model's weights, as a MODEL."""
     import comfy.model_patcher
     import comfy.supported_models
     cfg = env.core.config
@@ -385,7 +386,11 @@ def test_sampler_accepts_comfyuis_native_pixart_model(env):
     native = config.get_model({})
     missing, unexpected = native.diffusion_model.load_state_dict(env.core.state_dict(), strict=False)
     assert not unexpected and all("pos_embed" in k for k in missing)
-    patcher = comfy.model_patcher.ModelPatcher(native, torch.device("cpu"), torch.device("cpu"))
+    return comfy.model_patcher.ModelPatcher(native, torch.device("cpu"), torch.device("cpu"))
+
+
+def test_sampler_accepts_comfyuis_native_pixart_model(env):
+    patcher = native_pixart(env)
     out = run_sampler(env, model=patcher, steps=2, latent=empty_latent(side=64))  # native needs >= 34 px latents
     assert out.shape == (1, 4, 64, 64) and torch.isfinite(out).all()
     sigmas = env.n.PixArtSuiteSigmas.execute(patcher, "karras", 5, 1.0)[0]

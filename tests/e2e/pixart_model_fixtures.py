@@ -112,13 +112,14 @@ def write_tiny_pixart_pth(path, sample_size: int, seed: int = 0) -> Path:
 # VAE stand-in
 # --------------------------------------------------------------------------------------------
 
-def write_taesdxl_as_single_vae(path, seed: int = 0) -> Path:
+def write_taesdxl_as_single_vae(path, seed: int = 0, scale: float = TAESDXL_SCALE) -> Path:
     """TAESD-XL encoder + decoder in one file with ``vae_scale``/``vae_shift``: what VAELoader builds
-    for "taesdxl" from the vae_approx pair, loadable from models/vae under any name."""
+    for "taesdxl" from the vae_approx pair, loadable from models/vae under any name (scale 0.18215:
+    an SD1.5-VAE stand-in, the same network)."""
     enc, dec = vae_fixtures.tiny_taesdxl_state_dicts(seed)
     sd = {f"taesd_encoder.{k}": v for k, v in enc.items()}
     sd.update({f"taesd_decoder.{k}": v for k, v in dec.items()})
-    sd["vae_scale"] = torch.tensor(TAESDXL_SCALE)
+    sd["vae_scale"] = torch.tensor(scale)
     sd["vae_shift"] = torch.tensor(0.0)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 
 import comfy_host
+import controlnet_model_fixtures as cfx
 
 pytestmark = pytest.mark.e2e
 
@@ -76,6 +77,7 @@ def ui_host(comfy_host_dir, comfy_base, tmp_path_factory):
     comfy_host.link_models(comfy_base / "models", base / "models")
     (base / "input").mkdir(parents=True, exist_ok=True)
     shutil.copy(comfy_host_dir / "input" / "example.png", base / "input" / "example.png")  # img2img's picture
+    cfx.write_hed_map(base / "input" / cfx.HED_MAP)  # controlnet_hed_alpha's hint
     settings = base / "user" / "default" / "comfy.settings.json"
     settings.parent.mkdir(parents=True, exist_ok=True)
     settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))  # no template browser on first start

@@ -26,16 +26,20 @@ pytestmark = pytest.mark.e2e
 WORKFLOW = run_workflow.comfy_host.REPO / "workflows" / "txt2img_1024.json"
 
 
-@pytest.fixture
-def txt2img(comfy):
-    """The shipped 1024 workflow in API form, 1 step at the 256 bins (errors, not images, are under test)."""
-    api = run_workflow.to_api(comfy, json.loads(WORKFLOW.read_text(encoding="utf-8")))
+def small_api(comfy, workflow) -> dict:
+    """A shipped workflow in API form, 1 step at the 256 bins (errors, not images, are under test)."""
+    api = run_workflow.to_api(comfy, json.loads(workflow.read_text(encoding="utf-8")))
     for entry in api.values():
         if entry["class_type"] == "PixArtSuiteSampler":
             entry["inputs"]["steps"] = 1
         if entry["class_type"] == "PixArtSuiteResolution":
             entry["inputs"]["size_class"] = "256"
     return api
+
+
+@pytest.fixture
+def txt2img(comfy):
+    return small_api(comfy, WORKFLOW)
 
 
 def node_of(api: dict, class_type: str) -> str:

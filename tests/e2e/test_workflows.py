@@ -32,6 +32,7 @@ import pytest
 from PIL import Image
 
 import comfy_host
+import controlnet_model_fixtures as cfx
 import pixart_model_fixtures as fx
 import run_workflow
 
@@ -41,10 +42,10 @@ WORKFLOWS = sorted(p.stem for p in WORKFLOW_DIR.glob("*.json"))
 PACK_NODES = (
     "PixArtSuiteModelLoader", "PixArtSuiteT5Loader", "PixArtSuiteT5TextEncode", "PixArtSuiteSampler",
     "PixArtSuiteSamplerSelect", "PixArtSuiteSigmas", "PixArtSuiteResolution", "PixArtSuiteResizeCrop",
-    "PixArtSuiteKVCompression",
+    "PixArtSuiteKVCompression", "PixArtSuiteControlNetLoader", "PixArtSuiteLoraLoader",
 )
-RELEASED_NAMES = set(fx.RELEASED)  # PixArt 1024/2K .pth, t5xxl_fp16, sdxl_vae
-MODEL_INPUTS = ("ckpt_name", "t5_name", "vae_name", "unet_name", "clip_name")
+RELEASED_NAMES = set(fx.RELEASED) | set(cfx.RELEASED)  # PixArt 1024/2K .pth, t5xxl_fp16, sdxl_vae; ControlNets, ESRGAN
+MODEL_INPUTS = ("ckpt_name", "t5_name", "vae_name", "unet_name", "clip_name", "control_net_name", "model_name")
 STEPPED = ("PixArtSuiteSampler", "PixArtSuiteSigmas", "KSampler", "KSamplerAdvanced")
 THUMBNAIL_LIMIT = 200 * 1024
 
@@ -100,6 +101,33 @@ CASES = {
     "ksampler_stock": Case(
         size=(1024, 1024), bin=None,
         shipped={"KSampler": {"steps": 20, "cfg": 4.5}, "EmptyLatentImage": {"width": 1024, "height": 1024}}),
+    "controlnet_canny": Case(
+        size=(256, 256), bin=(1024, 1024),  # example.png (768 x 768) -> Canny -> hint resized to the 256 bin
+        shipped={"PixArtSuiteControlNetLoader": {"control_net_name": cfx.SIGMA_CANNY},
+                 "ControlNetApplyAdvanced": {"strength": 0.9, "start_percent": 0.0, "end_percent": 1.0},
+                 "LoadImage": {"image": "example.png"}},
+        overrides={"PixArtSuiteResolution": {"size_class": "256"}},
+        why="the ControlNet graph is under test (test_controlnet_e2e.py varies it); 1024-px decoding adds 10-25 s"),
+    "controlnet_hed_alpha": Case(
+        size=(256, 256), bin=(1024, 1024),  # the HED map (600 x 400) resized and cropped to the square bin
+        shipped={"PixArtSuiteModelLoader": {"ckpt_name": cfx.ALPHA_CONTROLNET},
+                 "PixArtSuiteControlNetLoader": {"control_net_name": cfx.ALPHA_CONTROLNET},
+                 "VAELoader": {"vae_name": cfx.SD15_VAE}, "PixArtSuiteSampler": {"steps": 14},
+                 "PixArtSuiteT5TextEncode": {"max_length": "α: 120 tokens"}},
+        overrides={"PixArtSuiteResolution": {"size_class": "256"}},
+        why="as controlnet_canny"),
+    "upscale_refine_4k": Case(
+        size=(256, 256), bin=(2048, 2048),  # run: pass 1 at 256, ESRGAN x4 -> 1024, fitted to the 256 bin
+        shipped={"UpscaleModelLoader": {"model_name": cfx.ESRGAN_X4},
+                 "Pass 2 size: 4K bin": {"size_class": "4096"},
+                 "Pass 2: 4K refine, denoise 0.3": {"denoise": 0.3},
+                 "PixArtSuiteKVCompression": {"layers": "14-27"}, "VAEEncodeTiled": {"tile_size": 1024}},
+        # layers 1 and tiles of 128 px: the deeper half of the stand-in and several tiles, as at 4K
+        overrides={"Pass 1 size: 2K": {"size_class": "256"}, "Pass 2 size: 4K bin": {"size_class": "256"},
+                   "PixArtSuiteKVCompression": {"layers": "1"},
+                   "VAEEncodeTiled": {"tile_size": 128, "overlap": 32},
+                   "VAEDecodeTiled": {"tile_size": 128, "overlap": 32}},
+        why="a 2K pass, an 8K upscale and a tiled 4K pass: many minutes here"),
 }
 
 
@@ -241,6 +269,7 @@ def example_input(comfy, comfy_host_dir):
     target = comfy.input_dir / "example.png"
     if not target.exists():
         shutil.copy(comfy_host_dir / "input" / "example.png", target)
+    cfx.write_hed_map(comfy.input_dir / cfx.HED_MAP)  # what a HED preprocessor saves, for controlnet_hed_alpha
     return target
 
 
