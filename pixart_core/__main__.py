@@ -1,4 +1,4 @@
-"""Command line: `python -m pixart_core {inspect,convert,encode,generate} --help`."""
+"""Command line: `python -m pixart_core {inspect,convert,lora,encode,generate,train-lora} --help`."""
 from __future__ import annotations
 
 import argparse
@@ -52,6 +52,10 @@ def _generate(args):
     loaded = load_pixart(args.model, preset=args.preset, dtype=args.dtype, device=args.device,
                          compute_dtype=getattr(torch, args.compute_dtype))
     model = loaded.model.eval()
+    if args.lora:
+        from .lora import merge_lora, read_lora
+        skipped = merge_lora(model, read_lora(args.lora), args.lora_strength)
+        print(f"applied {args.lora}" + (f" ({len(skipped)} modules not applied: T5 parts)" if skipped else ""))
     if args.kv_layers is not None:
         model.kv_compress = KVCompress(parse_layers(args.kv_layers, model.config.depth), args.kv_ratio, args.kv_mode)
     encoder = _load_t5(args)
@@ -129,8 +133,13 @@ def main(argv=None) -> int:
     p.add_argument("--kv-layers", default=None, help='KV compression layers, e.g. "14-27" or "all"')
     p.add_argument("--kv-ratio", type=int, default=2)
     p.add_argument("--kv-mode", default="avgpool", choices=["avgpool", "conv", "ave", "uniform"])
+    p.add_argument("--lora", default=None, help="a PixArt LoRA to merge into the weights (any trainer's format)")
+    p.add_argument("--lora-strength", type=float, default=1.0)
     p.add_argument("output", help="output .latent file")
     p.set_defaults(run=_generate)
+
+    from .train_cli import add_parser as add_train_lora
+    add_train_lora(sub, t5_args)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
