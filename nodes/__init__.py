@@ -11,6 +11,7 @@ from .lora import PixArtSuiteLoraLoader
 from .resolution import PixArtSuiteResizeCrop, PixArtSuiteResolution
 from .sampling import PixArtSuiteSampler, PixArtSuiteSamplerSelect, PixArtSuiteSigmas
 from .text_encoder import PixArtSuiteT5TextEncode
+from .training import PixArtSuiteValidationLoss
 
 NODES: list[type[io.ComfyNode]] = [
     PixArtSuiteModelLoader,
@@ -23,6 +24,7 @@ NODES: list[type[io.ComfyNode]] = [
     PixArtSuiteResizeCrop,
     PixArtSuiteKVCompression,
     PixArtSuiteLoraLoader,
+    PixArtSuiteValidationLoss,
 ]
 
 
