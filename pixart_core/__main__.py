@@ -55,7 +55,8 @@ def _generate(args):
     if args.lora:
         from .lora import merge_lora, read_lora
         skipped = merge_lora(model, read_lora(args.lora), args.lora_strength)
-        print(f"applied {args.lora}" + (f" ({len(skipped)} modules not applied: T5 parts)" if skipped else ""))
+        reasons = "; ".join(sorted(set(skipped.values())))
+        print(f"applied {args.lora}" + (f" ({len(skipped)} modules not applied: {reasons})" if skipped else ""))
     if args.kv_layers is not None:
         model.kv_compress = KVCompress(parse_layers(args.kv_layers, model.config.depth), args.kv_ratio, args.kv_mode)
     encoder = _load_t5(args)

@@ -4,10 +4,10 @@
   `training_losses` with LossType.MSE and learned-range variance): ε-MSE at timesteps drawn
   uniformly from 0..999, plus the variational-bound term in bits that trains the variance channels
   with the predicted mean detached (the decoder NLL at t = 0, the KL to the true posterior elsewhere).
-- LoRA adapters sit on the native modules as parametrizations (module names, the folded
-  cross-attention and every other fast path keep working); each diffusers/PEFT module gets its own
-  rank-r pair, so a fused qkv carries separate to_q/to_k/to_v LoRAs, exactly what PEFT trains on
-  diffusers' PixArtTransformer2DModel. Export uses pixart_core.lora's one name mapping.
+- LoRA adapters sit on the native linear layers (names and weights unchanged; the folded
+  cross-attention reads W + ΔW); each diffusers/PEFT module gets its own rank-r pair, so a fused qkv
+  carries separate to_q/to_k/to_v LoRAs, exactly what PEFT trains on diffusers'
+  PixArtTransformer2DModel. Export uses pixart_core.lora's one name mapping.
 - The validation loss is ε-MSE at fixed noise levels with fixed seeds over the training latents,
   computed through a k-diffusion denoiser D(x; σ), so the PixArt Validation Loss node (ComfyUI's
   model) and the CLI give the same number for the same weights.
@@ -29,12 +29,12 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
 
 from . import schedule
 from .lora import TRANSFORMER, native_modules
 from .model import KVCompress, PixArt, PixArtBlock
+from .ops import gemm_dtype
 
 NUM_TIMESTEPS = schedule.NUM_TRAIN_TIMESTEPS
 TARGET_GROUPS = {  # --targets names -> native module suffixes inside every block
@@ -186,9 +186,9 @@ def training_step(model: PixArt, batch: Sample, generator: torch.Generator, capt
 # -------------------------------------------------------------------------------------------------
 
 class LoraWeight(nn.Module):
-    """Parametrization weight -> weight + alpha/r·[B₁A₁; B₂A₂; ...]: one rank-r LoRA per output part
-    (q, k, v of a fused projection), as PEFT has one per diffusers module. PEFT's initialisation:
-    A Kaiming-uniform, B zero, so training starts from the unchanged model."""
+    """One rank-r LoRA per output part of a linear layer (q, k, v of a fused projection), as PEFT has one per
+    diffusers module: the layer gives W·x + alpha/r·[B₁A₁x; B₂A₂x; ...]. PEFT's initialisation: A
+    Kaiming-uniform, B zero, so training starts from the unchanged model."""
 
     def __init__(self, weight: torch.Tensor, parts: int, rank: int, alpha: float, generator: torch.Generator):
         super().__init__()
@@ -204,10 +204,35 @@ class LoraWeight(nn.Module):
         self.rank, self.alpha = rank, float(alpha)
 
     def delta(self) -> torch.Tensor:
-        return torch.cat([b @ a for a, b in zip(self.down, self.up)]) * (self.alpha / self.rank)  # (out, in)
+        """alpha/r·[B₁A₁; B₂A₂; ...]: (out, in), fp32."""
+        return torch.cat([b @ a for a, b in zip(self.down, self.up)]) * (self.alpha / self.rank)
 
-    def forward(self, weight):
-        return weight + self.delta().reshape(weight.shape).to(weight.dtype)
+    def forward(self, x):
+        """(..., in) -> (..., out): the LoRA's share of the layer output, through the rank-r bottleneck (no
+        full-size weight or weight gradient is formed, as in PEFT)."""
+        dtype = gemm_dtype(x)
+        x = x.to(dtype)
+        out = [F.linear(F.linear(x, a.to(dtype)), b.to(dtype)) for a, b in zip(self.down, self.up)]
+        return torch.cat(out, dim=-1) * (self.alpha / self.rank)
+
+
+@functools.cache
+def _lora_class(base: type) -> type:
+    """`base` (a Linear type) with a LoRA attached as `self.lora`; set on a layer's class for the run, so its
+    name, weights and state-dict keys stay as they are."""
+    if not hasattr(base, "params_for"):  # layers that do not say their weights: W·x from their own forward
+        return type(f"Lora{base.__name__}", (base,),
+                    {"forward": lambda self, x: base.forward(self, x) + self.lora(x).to(x.dtype)})
+
+    def forward(self, x):
+        w, b = base.params_for(self, x)
+        return (F.linear(x.to(w.dtype), w, b) + self.lora(x)).to(x.dtype)
+
+    def params_for(self, like):  # what the model's fused paths (folded cross-attention, gates) read: W + ΔW
+        w, b = base.params_for(self, like)
+        return w + self.lora.delta().reshape(w.shape).to(w), b
+
+    return type(f"Lora{base.__name__}", (base,), {"forward": forward, "params_for": params_for})
 
 
 @dataclass
@@ -219,6 +244,11 @@ class LoraAdapters:
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for _, lw, _ in self.modules.values() for p in lw.parameters()]
+
+    def merged_weight(self, native: str) -> torch.Tensor:
+        """W + ΔW of one adapted layer (what a loader applying the exported LoRA computes), fp32."""
+        module, lw, _ = self.modules[native]
+        return (module.weight.float() + lw.delta().reshape(module.weight.shape)).detach()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The LoRA in diffusers/PEFT names with alpha: transformer.<module>.lora_A/lora_B.weight, .alpha."""
@@ -237,9 +267,10 @@ class LoraAdapters:
         return {"r": self.rank, "lora_alpha": self.alpha, "target_modules": names, "init_lora_weights": True}
 
     def remove(self) -> None:
-        """Take the adapters out, leaving the model's own weights as they were."""
+        """Take the adapters out, leaving the model as it was."""
         for module, _, _ in self.modules.values():
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+            module.__class__ = type(module).__mro__[1]
+            del module.lora
         self.modules.clear()
 
 
@@ -267,9 +298,11 @@ def inject_lora(model: PixArt, rank: int = 16, alpha: float | None = None, targe
     adapters = LoraAdapters(rank=rank, alpha=alpha)
     for native, names in target_modules(model, targets).items():
         module = model.get_submodule(native)
-        lw = LoraWeight(module.weight, len(names), rank, alpha, generator)
-        parametrize.register_parametrization(module, "weight", lw)
-        adapters.modules[native] = (module, lw, names)
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"{native} is a {type(module).__name__}; LoRA targets here are linear layers")
+        module.lora = LoraWeight(module.weight, len(names), rank, alpha, generator)
+        module.__class__ = _lora_class(type(module))
+        adapters.modules[native] = (module, module.lora, names)
     return adapters
 
 

@@ -15,16 +15,9 @@ from pixart_core import training as tr
 from pixart_core.config import tiny
 from pixart_core.loading import save_checkpoint
 from pixart_core.pipeline import LATENT_SCALE
+from test_nodes import _one_thread  # noqa: F401 - autouse: tiny models run fastest on one thread
 
 SCALE = LATENT_SCALE["sigma"]  # ComfyUI's SDXL latent format multiplies LATENT samples by this
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +102,14 @@ def test_stock_train_lora_needs_a_list_of_latents(env):
     assert "diffusion_model.blocks.0.attn.qkv.lora_up.weight" in lora_sd
 
 
+@pytest.mark.parametrize("algorithm, key", [("LoHa", "hada_w1_a"), ("LoKr", "lokr_w1"), ("OFT", "oft_blocks")])
+def test_stock_train_lora_runs_every_algorithm(env, algorithm, key):
+    pack, n, root, load = env
+    _, latents, conds = data(2)
+    lora_sd = train_stock(load("train_tiny.safetensors"), latents, conds, steps=1, algorithm=algorithm)[1]
+    assert any(k.endswith(key) for k in lora_sd), sorted(lora_sd)[:5]
+
+
 def test_stock_train_lora_trains_the_kv_compressed_path(env):
     """On a checkpoint with KV-compression convs, Train LoRA puts a LoRA on them; its zero-initialised factor
     moves only when KV compression is on, i.e. only when the gradient runs through the compressed keys/values."""
@@ -155,8 +156,8 @@ def cli_lora(env):
     result = tr.train_lora(core, data(2)[0], tr.TrainConfig(steps=3, rank=2, learning_rate=5e-3,
                                                             gradient_checkpointing=False))
     tr.save_lora(result.adapters, root / "loras" / "cli_trained.safetensors")
-    return "cli_trained.safetensors", {native + ".weight": module.weight.detach().clone()
-                                       for native, (module, _, _) in result.adapters.modules.items()}
+    return "cli_trained.safetensors", {native + ".weight": result.adapters.merged_weight(native)
+                                       for native in result.adapters.modules}
 
 
 def test_cli_lora_loads_in_comfyui_with_the_same_weights(env, cli_lora):
