@@ -1,22 +1,22 @@
 """Seconds per LoRA training step (pixart_core.training, the train-lora defaults), full PixArt-Σ XL width.
 
-    python -m benchmarks.training            # writes benchmarks/results/training.{json,md}
+    python -m benchmarks.training            # writes benchmarks/results/training-<device>.{json,md}
     python -m benchmarks.training --quick    # 512 px only
 
-One step = forward with the official loss (ε-MSE + VB), backward, gradient clipping and an AdamW step on
+A step is forward with the official loss (ε-MSE + VB), backward, gradient clipping and an AdamW step on
 rank-16 LoRAs over every linear layer of every block, gradient checkpointing on, batch 1, a 120-token
-caption. Width is the real one (hidden 1152, 16 heads, MLP 4608, T5 width 4096); 28 blocks do not fit
-this machine's time budget, so each case runs with 1 and 2 blocks and the full model is extrapolated:
-step(28) = t(1) + 27·(t(2) - t(1)), and with KV compression on blocks 14-27 (the reference's choice)
-step = t(1) + 13·per-block(plain) + 14·per-block(compressed). The four cases of a size and dtype run in
-interleaved rounds after a warm-up round; the per-block cost is the median over rounds of t(2) - t(1)
-within a round (the two ran back to back, under the same load from other processes).
+caption, at the real width (hidden 1152, 16 heads, MLP 4608, T5 width 4096). 28 blocks do not fit this
+machine's time budget, so one block is timed on its own (forward, recomputed forward and backward with
+the gradient to its input, its LoRAs' clipping and AdamW step), with and without 2x2 KV compression,
+and so is the rest of the model (embeddings, caption projection, final layer, loss: the same step with
+no blocks, forward only); then step = rest + 28·block, or rest + 14·block + 14·block(KV) with
+compression on blocks 14-27 as the reference. Cases run in interleaved rounds after a warm-up round;
+the fastest round of each is used, the one least disturbed by other load on the machine.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -29,62 +29,77 @@ from pixart_core.model import KVCompress, PixArt
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CAPTION_TOKENS = 120
-KV_BLOCKS = 14  # of 28: blocks 14-27
+DEPTH, KV_BLOCKS = 28, 14  # blocks 14-27 compressed
 
 
-def make_step(side: int, dtype: str, kv: bool, depth: int, device):
-    """A zero-argument callable running one training step of a fresh full-width `depth`-block model."""
-    torch.manual_seed(0)
-    config = PixArtConfig(depth=depth)
-    model = PixArt(config, dtype=DTYPES[dtype], device=device)
-    model.kv_compress = KVCompress(tuple(range(depth)) if kv else (), 2, "avgpool")
-    g = torch.Generator().manual_seed(0)
+def _sample(config: PixArtConfig, side: int, g) -> tr.Sample:
     mask = torch.zeros(1, config.model_max_length, dtype=torch.long)
     mask[0, :CAPTION_TOKENS] = 1
-    sample = tr.Sample(torch.randn(1, 4, side // 8, side // 8, generator=g),
-                       torch.randn(1, config.model_max_length, config.caption_channels, generator=g), mask)
+    return tr.Sample(torch.randn(1, 4, side // 8, side // 8, generator=g),
+                     torch.randn(1, config.model_max_length, config.caption_channels, generator=g), mask)
+
+
+def make_block_step(side: int, dtype: str, kv: bool, device):
+    """One block's share of a training step, as a zero-argument callable."""
+    torch.manual_seed(0)
+    config = PixArtConfig(depth=1)
+    model = PixArt(config, dtype=DTYPES[dtype], device=device)
     adapters = tr.inject_lora(model, rank=16)
     params = adapters.parameters()
     optimizer = torch.optim.AdamW(params, lr=1e-4)
+    block, D, h = model.blocks[0], config.hidden_size, side // 16
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(1, h * h, D, generator=g) * 0.5).to(device, DTYPES[dtype]).requires_grad_(True)
+    y = torch.randn(1, CAPTION_TOKENS, D, generator=g).to(device, DTYPES[dtype])
+    t0 = (torch.randn(1, 6 * D, generator=g) * 0.1).to(device, DTYPES[dtype])
+    grad_out = torch.randn(1, h * h, D, generator=g).to(device, DTYPES[dtype])
+    compress = KVCompress((0,), 2, "avgpool").for_layer(0) if kv else None
 
     def step():
         with tr.gradient_checkpointing(model), torch.enable_grad():
-            out = tr.training_step(model, sample, g)
+            out = block(x, y, t0, None, (h, h), compress, model.ff_chunk, True)
             optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
+            x.grad = None
+            out.backward(grad_out)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
     return step
 
 
+def make_rest_step(side: int, dtype: str, device):
+    """The model without blocks: embeddings, caption projection, final layer and the loss (forward)."""
+    config = PixArtConfig(depth=0)
+    model = PixArt(config, dtype=DTYPES[dtype], device=device)
+    g = torch.Generator().manual_seed(0)
+    sample = _sample(config, side, g)
+    return lambda: tr.training_step(model, sample, g)
+
+
 def run(sides, device, runs: int = 5) -> dict:
-    """Per size and dtype, the four cases (KV off/on x 1/2 blocks) in interleaved rounds after a warm-up round,
-    so other load on the machine hits them alike; per-block costs are medians of within-round differences."""
     rows = []
     for side in sides:
         for dtype in ("fp32", "bf16"):
-            cases = {(kv, depth): make_step(side, dtype, kv, depth, device) for kv in (False, True) for depth in (1, 2)}
+            cases = {"rest": make_rest_step(side, dtype, device), "block": make_block_step(side, dtype, False, device),
+                     "block_kv": make_block_step(side, dtype, True, device)}
             times = {k: [] for k in cases}
             for r in range(runs + 1):
                 for key, step in cases.items():
                     sync(device)
                     t0 = time.perf_counter()
-                    step()
+                    with torch.no_grad() if key == "rest" else torch.enable_grad():
+                        step()
                     sync(device)
                     if r:  # round 0 is the warm-up
                         times[key].append(time.perf_counter() - t0)
-                print(f"{side} px {dtype} round {r}: " + "  ".join(
-                    f"kv={k[0]:d} d{k[1]}={v[-1]:.2f}" for k, v in times.items() if v), flush=True)
-            # per round, the four cases ran back to back under the same load: differences within a round
-            rounds = range(runs)
-            base = statistics.median(times[(False, 1)])
-            block = statistics.median(times[(False, 2)][r] - times[(False, 1)][r] for r in rounds)
-            block_kv = statistics.median(times[(True, 2)][r] - times[(True, 1)][r] for r in rounds)
-            rows.append({"side": side, "dtype": dtype,
-                         "measured_s": {f"{'kv' if k else 'plain'}_{d}": v for (k, d), v in times.items()},
-                         "per_block_s": block, "per_block_kv_s": block_kv,
-                         "step_s": base + 27 * block,
-                         "step_kv_s": base + (27 - KV_BLOCKS) * block + KV_BLOCKS * block_kv})
+                if r:
+                    print(f"{side} px {dtype} round {r}: " + "  ".join(f"{k}={v[-1]:.2f}" for k, v in times.items()),
+                          flush=True)
+            best = {k: min(v) for k, v in times.items()}
+            rows.append({"side": side, "dtype": dtype, "measured_s": times, "rest_s": best["rest"],
+                         "per_block_s": best["block"], "per_block_kv_s": best["block_kv"],
+                         "step_s": best["rest"] + DEPTH * best["block"],
+                         "step_kv_s": best["rest"] + (DEPTH - KV_BLOCKS) * best["block"]
+                         + KV_BLOCKS * best["block_kv"]})
             del cases
     return {"device": device_info(device, torch.get_num_threads()), "load_average": load_average(), "rows": rows}
 
@@ -114,9 +129,9 @@ def main(argv=None):
     info = results["device"]
     runs, load = args.runs, results["load_average"]
     md = (f"# LoRA training step, PixArt-Σ XL width ({info.get('gpu') or info.get('cpu')}, {info.get('threads')} threads; "
-          "28 blocks extrapolated from 1- and 2-block runs, batch 1, rank 16 on every block linear, gradient "
-          f"checkpointing; per-block costs are medians of within-round differences over {runs} interleaved rounds; "
-          f"load average at the end {load})\n\n" + table(results) + "\n")
+          "28 blocks = the rest of the model + 28 x one block timed on its own; batch 1, rank 16 on every block "
+          f"linear, gradient checkpointing; fastest of {runs} interleaved rounds; load average at the end {load})"
+          "\n\n" + table(results) + "\n")
     (RESULTS / f"{name}.md").write_text(md)
     print(md)
 

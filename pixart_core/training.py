@@ -150,7 +150,7 @@ class StepResult:
 
 
 def stack(samples: list[Sample]) -> Sample:
-    """Samples of one size -> one batch (captions cut to the longest common length)."""
+    """Samples of one latent size (captions all encoded to the model's token length) -> one batch."""
     sizes = {tuple(s.latents.shape[-2:]) for s in samples}
     if len(sizes) > 1:
         raise ValueError(f"a batch needs latents of one size, got {sorted(sizes)}; use batch size 1 for mixed sizes")
