@@ -12,6 +12,7 @@ from .lora import PixArtSuiteLoraLoader
 from .resolution import PixArtSuiteResizeCrop, PixArtSuiteResolution
 from .sampling import PixArtSuiteSampler, PixArtSuiteSamplerSelect, PixArtSuiteSigmas
 from .text_encoder import PixArtSuiteT5TextEncode
+from .training import PixArtSuiteValidationLoss
 
 NODES: list[type[io.ComfyNode]] = [
     PixArtSuiteModelLoader,
@@ -25,6 +26,7 @@ NODES: list[type[io.ComfyNode]] = [
     PixArtSuiteKVCompression,
     PixArtSuiteLoraLoader,
     PixArtSuiteControlNetLoader,
+    PixArtSuiteValidationLoss,
 ]
 
 

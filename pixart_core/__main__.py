@@ -1,4 +1,4 @@
-"""Command line: `python -m pixart_core {inspect,convert,encode,generate,download} --help`."""
+"""Command line: `python -m pixart_core {inspect,convert,lora,encode,generate,train-lora,download} --help`."""
 from __future__ import annotations
 
 import argparse
@@ -74,6 +74,11 @@ def _generate(args):
     loaded = load_pixart(args.model, preset=args.preset, dtype=args.dtype, device=args.device,
                          compute_dtype=getattr(torch, args.compute_dtype))
     model = loaded.model.eval()
+    if args.lora:
+        from .lora import merge_lora, read_lora
+        skipped = merge_lora(model, read_lora(args.lora), args.lora_strength)
+        reasons = "; ".join(sorted(set(skipped.values())))
+        print(f"applied {args.lora}" + (f" ({len(skipped)} modules not applied: {reasons})" if skipped else ""))
     if args.kv_layers is not None:
         model.kv_compress = KVCompress(parse_layers(args.kv_layers, model.config.depth), args.kv_ratio, args.kv_mode)
     encoder = _load_t5(args)
@@ -115,19 +120,21 @@ def _device(text: str) -> str:
     return str(usable_device(text))
 
 
-def _layer_list(text: str) -> str:
-    from .model import parse_layers
-    parse_layers(text, None)  # the syntax now; the numbers against the model's depth once it is loaded
-    return text
+class _Parser(argparse.ArgumentParser):
+    """argparse that answers a bad option with its one sentence, not the whole usage text above it."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .loading import DTYPES
+    from .model import layer_list_syntax
     from .samplers import SAMPLERS
     from .schedule import MAX_STEPS, STEP_GRIDS
     from .pipeline import MAX_BATCH, MAX_GUIDANCE, MAX_REQUESTED_SIDE, NULL_MODES
     from .t5 import MAX_TOKENS
-    parser = argparse.ArgumentParser(prog="python -m pixart_core", description=__doc__)
+    parser = _Parser(prog="python -m pixart_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="print what a checkpoint or ControlNet contains and the configuration detected")
@@ -188,9 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--null-mode", default="prompt_mask", choices=list(NULL_MODES))
     p.add_argument("--seed", type=argument(whole_number, 0, SEED_MAX), default=0, help="0 to 2**64-1")
     p.add_argument("--batch", type=argument(whole_number, 1, MAX_BATCH), default=1)
-    p.add_argument("--kv-layers", default=None, type=cli_type(_layer_list), help='KV compression layers, e.g. "14-27" or "all"')
+    p.add_argument("--kv-layers", default=None, type=cli_type(layer_list_syntax), help='KV compression layers, e.g. "14-27" or "all"')
     p.add_argument("--kv-ratio", type=argument(whole_number, 1, 8), default=2)
     p.add_argument("--kv-mode", default="avgpool", choices=["avgpool", "conv", "ave", "uniform"])
+    p.add_argument("--lora", default=None, help="a PixArt LoRA to merge into the weights (any trainer's format)")
+    p.add_argument("--lora-strength", type=argument(real_number, -100.0, 100.0), default=1.0)
     p.add_argument("output", help="output .latent file")
     p.set_defaults(run=_generate)
 
@@ -206,11 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the known files and sets (no network)")
     p.set_defaults(run=_download)
 
+    from .train_cli import add_parser as add_train_lora
+    add_train_lora(sub, t5_args)
+
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a bad option (its sentence is printed): a status, also in-process
+        return e.code
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.run(args)

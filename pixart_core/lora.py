@@ -527,3 +527,40 @@ def describe(lora: LoraFile) -> str:
              f"not used:    {len(lora.unmatched)} keys"]
     lines += [f"  {k}: {why}" for k, why in sorted(lora.unmatched.items())]
     return "\n".join(lines)
+
+
+def merge_lora(model, lora: LoraFile, strength: float = 1.0) -> dict[str, str]:
+    """Add a converted LoRA's transformer part (LoRA factors, diff and diff_b patches: what LoRA trainers and
+    ComfyUI's Train LoRA write) into a pixart_core PixArt's weights, in place. Returns module -> reason for
+    what was not applied (T5 parts: the CLI's T5 takes no patches). LoHa/LoKr are refused: apply those in
+    ComfyUI with Load PixArt LoRA."""
+    skipped = {f"{TEXT_ENCODER}.{m}": "T5 parts are not applied here" for m in lora.modules(TEXT_ENCODER)}
+    changes = []
+    for module, target in transformer_targets(lora).items():
+        tensors = module_tensors(lora, f"{TRANSFORMER}.{module}")
+        kind = _kind(tensors)
+        if kind in ("LoHa", "LoKr"):
+            raise LoraError(f"{lora.path.name}: {module} is a {kind}, which only ComfyUI applies here; use it with "
+                            "the Load PixArt LoRA node")
+        try:
+            weight = model.get_parameter(target.key)
+        except AttributeError:
+            skipped[f"{TRANSFORMER}.{module}"] = f"this model has no {target.key}"
+            continue
+        start, rows = target.rows(weight.shape[0])
+        want, have = (rows, weight[0].numel()), delta_shape(tensors)
+        if have is not None and tuple(have) != want:
+            raise LoraError(f"{lora.path.name}: {module} has shape {tuple(have)} but the model's {target.key} "
+                            f"needs {want}; this LoRA is for another model size")
+        if kind == "LoRA":
+            changes.append((weight, start, rows, lora_delta(tensors, strength)))
+        elif "diff" in tensors:
+            changes.append((weight, start, rows, tensors["diff"].float() * strength))
+        if "diff_b" in tensors:
+            bias = model.get_parameter(target.bias_key)
+            changes.append((bias, start, rows, tensors["diff_b"].float() * strength))
+    with torch.no_grad():
+        for param, start, rows, delta in changes:
+            part = param[start:start + rows]
+            part.copy_(part.float() + delta.reshape(part.shape).to(param.device))
+    return skipped

@@ -220,6 +220,13 @@ def parse_layers(text: str, depth: int | None) -> tuple[int, ...]:
     return tuple(sorted({i for lo, hi in ranges for i in range(lo, hi + 1)}))
 
 
+def layer_list_syntax(text: str) -> str:
+    """`text` when it is a layer list (syntax only: the numbers are checked once the model's depth is
+    known), else InputError; for command-line options."""
+    parse_layers(text, None)
+    return text
+
+
 def compress_tokens(t, hw, ratio, mode, sr=None, norm=None):
     """(B, N, D) keys or values on an h×w grid -> (B, N', D) with fewer tokens.
 

@@ -513,8 +513,118 @@ def upscale_refine_4k(oi) -> tuple[Workflow, str]:
     return wf, "2048 -> x4 -> 4096 x 4096"
 
 
+DATASET_FOLDER = "pixart_lora_dataset"  # ComfyUI/input/<this>: images with same-name .txt captions
+TRAIN_DEFAULTS = {  # stock Train LoRA, set for PixArt-Σ (alpha 1 there: scale 1/rank, so lr 2e-4 ~ PEFT's 1e-4)
+    "batch_size": 1, "steps": 500, "learning_rate": 0.0002, "rank": 16, "optimizer": "AdamW", "loss_function": "MSE",
+    "seed": 0, "training_dtype": "bf16", "lora_dtype": "fp32", "algorithm": "LoRA", "gradient_checkpointing": True,
+}
+VALIDATION_BEFORE = "PixArt Validation Loss (before training)"
+VALIDATION_AFTER = "PixArt Validation Loss (after training)"
+REBATCH_NOTE = (
+    "## Why Rebatch Latents\n\nComfyUI 0.3.75's Train LoRA fails with `UnboundLocalError: cannot access local "
+    "variable 'multi_res'` (comfy_extras/nodes_train.py, TrainLoraNode.execute) whenever its latents are ONE "
+    "LATENT: a batch, or a single image. Rebatch Latents with batch size 1 hands it a list of single latents, "
+    "the path that works. So: keep it, and put at least 2 images in the folder.")
+TRAIN_NOTE = (
+    "Put images with same-name .txt captions in `ComfyUI/input/{folder}` (2 or more). They are fitted to the "
+    "training bins, encoded, and Train LoRA (stock) trains a LoRA on every layer of the model. Its own loss is "
+    "x0-MSE at one random noise level per step and jumps about; the two PixArt Validation Loss nodes measure "
+    "the same fixed noise before and after: the second number should be lower. Save LoRA writes "
+    "`output/loras/...safetensors`; move it to `models/loras` for Load PixArt LoRA or Load LoRA. "
+    "`python -m pixart_core train-lora` trains the same LoRA without ComfyUI, with the official loss.")
+
+
+def _training(wf: Workflow, ids: Mapping[str, int], model: int, size_class: str, y: int = 700) -> int:
+    """Dataset -> bins -> VAE Encode -> Rebatch -> Train LoRA (+ validation, Save LoRA, Loss Graph).
+    Returns the MODEL with the trained LoRA loaded (stock Load LoRA Model on `model`)."""
+    data = wf.node("LoadImageTextDataSetFromFolder", (X0, y + 320), (360, 100), {"folder": DATASET_FOLDER})
+    res = wf.node("PixArtSuiteResolution", (X0, y + 470), (360, 180),
+                  {"size_class": size_class, "aspect_ratio": "1.00 square"}, title="Training size", color=OURS)
+    if size_class == "from model":
+        wf.link(model, 0, res, "model")
+    crop = wf.node("PixArtSuiteResizeCrop", (X1, y), (430, 100), {"width": 1024, "height": 1024}, color=OURS)
+    wf.link(data, "images", crop, "image")
+    wf.link(res, "width", crop, "width")
+    wf.link(res, "height", crop, "height")
+    enc = wf.node("VAEEncode", (X1, y + 150), (210, 50))
+    wf.link(crop, 0, enc, "pixels")
+    wf.link(ids["vae"], 0, enc, "vae")
+    rebatch = wf.node("RebatchLatents", (X1 + 230, y + 150), (200, 80), {"batch_size": 1})
+    wf.link(enc, 0, rebatch, "latents")
+    captions = wf.node("PixArtSuiteT5TextEncode", (X1, y + 280), (430, 120), {"text": ""}, title="Captions",
+                       color=OURS)
+    wf.link(ids["t5"], 0, captions, "clip")
+    wf.link(data, "texts", captions, "text")
+    wf.note(REBATCH_NOTE, (X1, y + 450), (430, 200), title="Why Rebatch Latents")
+    train = wf.node("TrainLoraNode", (X2, y), (330, 500), TRAIN_DEFAULTS)
+    wf.link(model, 0, train, "model")
+    wf.link(rebatch, 0, train, "latents")
+    wf.link(captions, 0, train, "positive")
+    save = wf.node("SaveLoRA", (X3, y), (330, 90), {"prefix": "loras/pixart_lora", "steps": TRAIN_DEFAULTS["steps"]})
+    wf.link(train, "lora", save, "lora")
+    wf.link(train, "steps", save, "steps")
+    graph = wf.node("LossGraphNode", (X3, y + 140), (330, 300), {"filename_prefix": "pixart_lora_loss"})
+    wf.link(train, "loss_map", graph, "loss")
+    loaded = wf.node("LoraModelLoader", (X2, y + 560), (330, 90), {"strength_model": 1.0})
+    wf.link(model, 0, loaded, "model")
+    wf.link(train, "lora", loaded, "lora")
+    for title, m, pos in ((VALIDATION_BEFORE, model, (X2, y + 700)), (VALIDATION_AFTER, loaded, (X3, y + 490))):
+        v = wf.node("PixArtSuiteValidationLoss", pos, (330, 160), {"noise_levels": 8, "seed": 0}, title=title,
+                    color=OURS)
+        wf.link(m, 0, v, "model")
+        wf.link(rebatch, 0, v, "latents")
+        wf.link(captions, 0, v, "positive")
+    return loaded
+
+
+def _train_and_sample(name: str, oi, ckpt: str, what: str, note: str, train_size: str, sample_size: str,
+                      prefix: str, kv: bool = False) -> Workflow:
+    wf = Workflow(name, oi)
+    ids = _common(wf, ckpt, _note([ckpt, T5_XXL, SDXL_VAE], what, note + "\n\n" + TRAIN_NOTE.format(
+        folder=DATASET_FOLDER)), note_pos=(X0, 500))
+    res = wf.node("PixArtSuiteResolution", (X2, 380), (330, 180),
+                  {"size_class": sample_size, "aspect_ratio": "1.00 square"}, color=OURS)
+    model = ids["model"]
+    if kv:
+        model = wf.node("PixArtSuiteKVCompression", (X1, 460), (430, 130),
+                        {"layers": "14-27", "ratio": 2, "mode": "avgpool"}, color=OURS)
+        wf.link(ids["model"], 0, model, "model")
+    if sample_size == "from model":
+        wf.link(model, 0, res, "model")
+    loaded = _training(wf, ids, model, train_size)
+    s = _sampler(wf, (X2, 0), loaded, ids, (res, "latent"), title="PixArt Sampler (with the trained LoRA)")
+    _decode_save(wf, s, 0, ids["vae"], prefix, tiled=kv)
+    return wf
+
+
+def train_lora(oi) -> tuple[Workflow, str]:
+    return _train_and_sample(
+        "train_lora", oi, PIXART_1024, "PixArt-Σ LoRA training (stock Train LoRA)",
+        "Trains a LoRA on your images at the model's own 1024 bins, then samples with it.",
+        "from model", "from model", "PixArt-Sigma_lora"), "1024 x 1024, LoRA trained at 1024"
+
+
+def train_lora_kv_compression(oi) -> tuple[Workflow, str]:
+    return _train_and_sample(
+        "train_lora_kv_compression_4k", oi, PIXART_2K, "Recipe: KV-compression adaptation (PixArt-Σ 2K -> 4K)",
+        "The paper's use of fine-tuning for token compression: the 2K weights train a LoRA with KV compression on "
+        "(blocks 14-27, keys/values pooled 2x2) at the 2K bins, so the compressed attention the 4K run needs costs "
+        "less quality. Use the 4096 training size if memory allows. The sampler runs the same compressed model "
+        "with the LoRA at 4096 x 4096.", "2048", "4096", "PixArt-Sigma_4K_kv_lora", kv=True), \
+        "4096 x 4096, LoRA trained at 2K with KV compression"
+
+
+def train_lora_resolution(oi) -> tuple[Workflow, str]:
+    return _train_and_sample(
+        "train_lora_resolution_2k", oi, PIXART_1024, "Recipe: resolution adaptation (PixArt-Σ 1024 -> 2K)",
+        "A LoRA trained at a higher bin than the weights were made for: the 1024 weights learn the 2048-class "
+        "bins (more tokens, positions beyond their training grid), then sample at 2048 x 2048.",
+        "2048", "2048", "PixArt-Sigma_2K_res_lora"), "2048 x 2048, LoRA trained at 2K on 1024 weights"
+
+
 BUILDERS = [txt2img_1024, txt2img_2k, txt2img_4k, hires_fix, img2img, sampler_custom_advanced, ksampler_stock,
-            controlnet_canny, controlnet_hed_alpha, upscale_refine_4k]
+            controlnet_canny, controlnet_hed_alpha, upscale_refine_4k, train_lora, train_lora_kv_compression,
+            train_lora_resolution]
 
 
 # --------------------------------------------------------------------------------------------
@@ -601,6 +711,9 @@ TITLES = {
     "controlnet_canny": "PixArt-Σ · canny ControlNet",
     "controlnet_hed_alpha": "PixArt-α · HED ControlNet (official)",
     "upscale_refine_4k": "PixArt-Σ · 2K → ESRGAN ×4 → 4K refine",
+    "train_lora": "PixArt-Σ · LoRA training",
+    "train_lora_kv_compression_4k": "PixArt-Σ · recipe: KV-compression LoRA, 4K",
+    "train_lora_resolution_2k": "PixArt-Σ · recipe: resolution LoRA, 1024 → 2K",
 }
 
 

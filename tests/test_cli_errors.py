@@ -137,7 +137,8 @@ def refused(cli, case: str) -> str:
                          "use numbers like 14-27, or all"),
 ])
 def test_bad_numbers_are_refused_by_the_argument_parser(cli, case, message):
-    assert refused(cli, case).endswith(message)
+    # one line: the sentence and where the help is, not argparse's whole usage text
+    assert refused(cli, case).endswith(f"{message} (see python -m pixart_core generate --help)")
 
 
 def test_layers_beyond_the_depth_name_it(cli, capsys):

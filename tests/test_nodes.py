@@ -112,7 +112,7 @@ def run_sampler(env, model=None, seed=0, steps=3, cfg=4.5, sampler="dpmpp_2m", g
 def test_every_node_is_registered_documented_and_prefixed(env):
     extension = asyncio.run(env.pack.comfy_entrypoint())
     nodes = asyncio.run(extension.get_node_list())
-    assert [c.__name__ for c in nodes] == [c.__name__ for c in env.n.NODES] and len(nodes) == 11
+    assert [c.__name__ for c in nodes] == [c.__name__ for c in env.n.NODES] and len(nodes) == 12
     for cls in nodes:
         schema = cls.GET_SCHEMA()
         assert schema.node_id.startswith("PixArtSuite") and schema.node_id == cls.__name__

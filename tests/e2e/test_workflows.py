@@ -42,7 +42,7 @@ WORKFLOWS = sorted(p.stem for p in WORKFLOW_DIR.glob("*.json"))
 PACK_NODES = (
     "PixArtSuiteModelLoader", "PixArtSuiteT5Loader", "PixArtSuiteT5TextEncode", "PixArtSuiteSampler",
     "PixArtSuiteSamplerSelect", "PixArtSuiteSigmas", "PixArtSuiteResolution", "PixArtSuiteResizeCrop",
-    "PixArtSuiteKVCompression", "PixArtSuiteControlNetLoader", "PixArtSuiteLoraLoader",
+    "PixArtSuiteKVCompression", "PixArtSuiteControlNetLoader", "PixArtSuiteLoraLoader", "PixArtSuiteValidationLoss",
 )
 RELEASED_NAMES = set(fx.RELEASED) | set(cfx.RELEASED)  # PixArt 1024/2K .pth, t5xxl_fp16, sdxl_vae; ControlNets, ESRGAN
 MODEL_INPUTS = ("ckpt_name", "t5_name", "vae_name", "unet_name", "clip_name", "control_net_name", "model_name")
@@ -50,6 +50,12 @@ STEPPED = ("PixArtSuiteSampler", "PixArtSuiteSigmas", "KSampler", "KSamplerAdvan
 THUMBNAIL_LIMIT = 200 * 1024
 
 e2e = pytest.mark.e2e
+
+
+TRAIN_SHIPPED = {"RebatchLatents": {"batch_size": 1}, "LoadImageTextDataSetFromFolder": {"folder": "pixart_lora_dataset"},
+                 "TrainLoraNode": {"steps": 500, "rank": 16, "learning_rate": 0.0002, "lora_dtype": "fp32"}}
+TRAIN_FAST = {"steps": 20, "learning_rate": 0.002, "gradient_checkpointing": False}
+VALIDATION_TITLES = ("PixArt Validation Loss (before training)", "PixArt Validation Loss (after training)")
 
 
 @dataclass
@@ -128,6 +134,27 @@ CASES = {
                    "VAEEncodeTiled": {"tile_size": 128, "overlap": 32},
                    "VAEDecodeTiled": {"tile_size": 128, "overlap": 32}},
         why="a 2K pass, an 8K upscale and a tiled 4K pass: many minutes here"),
+    # LoRA training (stock Train LoRA) and the two recipes: trained at the 256 bins, 40 steps at a higher
+    # learning rate (the tiny model learns in that; 500 steps at 1024 would take minutes here); the shipped
+    # settings are checked, and the validation loss must fall (check_training)
+    "train_lora": Case(
+        size=(256, 256), bin=(1024, 1024),
+        shipped={"PixArtSuiteModelLoader": {"ckpt_name": fx.PIXART_1024}, **TRAIN_SHIPPED},
+        overrides={"PixArtSuiteResolution": {"size_class": "256"}, "TrainLoraNode": TRAIN_FAST},
+        why="1024 px training steps and VAE encodes: minutes here"),
+    "train_lora_kv_compression_4k": Case(
+        size=(256, 256), bin=(4096, 4096),
+        shipped={"PixArtSuiteModelLoader": {"ckpt_name": fx.PIXART_2K}, "Training size": {"size_class": "2048"},
+                 "PixArtSuiteKVCompression": {"layers": "14-27", "ratio": 2}, **TRAIN_SHIPPED},
+        overrides={"PixArtSuiteResolution": {"size_class": "256"}, "PixArtSuiteKVCompression": {"layers": "1"},
+                   "TrainLoraNode": TRAIN_FAST, "VAEDecodeTiled": {"tile_size": 256, "overlap": 32}},
+        why="2K training and a 4K decode: far beyond this machine's budget"),
+    "train_lora_resolution_2k": Case(
+        size=(256, 256), bin=(2048, 2048),
+        shipped={"PixArtSuiteModelLoader": {"ckpt_name": fx.PIXART_1024}, "Training size": {"size_class": "2048"},
+                 **TRAIN_SHIPPED},
+        overrides={"PixArtSuiteResolution": {"size_class": "256"}, "TrainLoraNode": TRAIN_FAST},
+        why="2K training steps and a 2K decode: minutes here"),
 }
 
 
@@ -273,9 +300,35 @@ def example_input(comfy, comfy_host_dir):
     return target
 
 
+@pytest.fixture(scope="module")
+def lora_dataset(comfy):
+    """The training workflows' image folder: two pictures of different sizes with captions."""
+    folder = comfy.input_dir / "pixart_lora_dataset"
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name, size, caption in (("red", (320, 240), "a red square"), ("blue", (200, 260), "a blue circle")):
+        pixels = (rng.random((size[1], size[0], 3)) * 80).astype(np.uint8)
+        pixels[..., 0 if name == "red" else 2] += 150
+        Image.fromarray(pixels).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(caption)
+    return folder
+
+
+def check_training(api: dict, entry: dict, comfy) -> None:
+    """A training workflow lowered the validation loss, and its saved LoRA reads in pixart_core."""
+    values = []
+    for title in VALIDATION_TITLES:
+        (nid,) = nodes_matching(api, title)
+        values.append(float(entry["outputs"][nid]["text"][0].split("validation loss ")[1].split()[0]))
+    assert values[1] < values[0], f"validation loss did not fall: {values}"
+    from pixart_core.lora import read_lora
+    saved = max((comfy.output_dir / "loras").glob("pixart_lora_*.safetensors"), key=lambda p: p.stat().st_mtime)
+    assert len(read_lora(saved).modules("transformer")) > 20
+
+
 @e2e
 @pytest.mark.parametrize("name", WORKFLOWS)
-def test_workflow_runs(name, comfy, comfy_object_info, example_input):
+def test_workflow_runs(name, comfy, comfy_object_info, example_input, lora_dataset):
     case = CASES[name]
     wf = load(name)
     api = run_workflow.to_api(comfy, wf)  # every node type installed, then converted through the schemas
@@ -301,3 +354,5 @@ def test_workflow_runs(name, comfy, comfy_object_info, example_input):
     assert img.std() > 2.0, f"{name}: the image is (almost) constant"
     assert len(np.unique(img.reshape(-1, 3)[::97], axis=0)) > 32, f"{name}: the image has hardly any colours"
     assert comfy_host.load_workflow(files[0]) == wf  # dragging the PNG back in restores the workflow
+    if nodes_matching(api, "TrainLoraNode"):
+        check_training(api, entry, comfy)
