@@ -203,7 +203,7 @@ class PixArtSuiteT5TextEncode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, text):
-        return queue_check(clean_prompt, text=text, name="text")
+        return queue_check(lambda text: clean_prompt(text, "text"), text=text)
 
     @classmethod
     def execute(cls, clip, text, max_length) -> io.NodeOutput:

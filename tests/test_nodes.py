@@ -600,3 +600,14 @@ def test_dropdowns_default_to_the_file_to_get(env):
     ckpt = next(i for i in env.n.PixArtSuiteModelLoader.GET_SCHEMA().inputs if i.id == "ckpt_name")
     assert "PixArt-Sigma-XL-2-1024-MS.pth" not in ckpt.options  # this env has no release file: the first one
     assert ckpt.default == ckpt.options[0] and ckpt.default.endswith(".safetensors")
+
+
+def test_queue_time_checks_pass_when_every_checked_input_is_linked(env):
+    # a linked input is None when the prompt is queued (its value comes later): nothing to refuse yet
+    import inspect
+    for cls in env.n.NODES:
+        validate = getattr(cls, "validate_inputs", None)
+        if validate is None or not cls.__dict__.get("validate_inputs"):
+            continue
+        names = [p for p in inspect.signature(validate).parameters]
+        assert validate(**{n: None for n in names}) is True, cls.__name__

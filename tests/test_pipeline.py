@@ -108,8 +108,6 @@ def test_command_line(model, t5_dir, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["inspect", "convert", "encode", "generate"])
+@pytest.mark.parametrize("command", ["inspect", "convert", "lora", "encode", "generate", "train-lora", "download"])
 def test_every_subcommand_has_help(command, capsys):
-    with pytest.raises(SystemExit) as e:
-        main([command, "--help"])
-    assert e.value.code == 0 and "usage:" in capsys.readouterr().out
+    assert main([command, "--help"]) == 0 and "usage:" in capsys.readouterr().out
