@@ -10,7 +10,7 @@ from .kv_compression import PixArtSuiteKVCompression
 from .loaders import PixArtSuiteModelLoader, PixArtSuiteT5Loader
 from .lora import PixArtSuiteLoraLoader
 from .resolution import PixArtSuiteResizeCrop, PixArtSuiteResolution
-from .sampling import PixArtSuiteSampler, PixArtSuiteSamplerSelect, PixArtSuiteSigmas
+from .sampling import PixArtSuiteCFGGuider, PixArtSuiteSampler, PixArtSuiteSamplerSelect, PixArtSuiteSigmas
 from .text_encoder import PixArtSuiteT5TextEncode
 from .training import PixArtSuiteValidationLoss
 
@@ -27,6 +27,7 @@ NODES: list[type[io.ComfyNode]] = [
     PixArtSuiteLoraLoader,
     PixArtSuiteControlNetLoader,
     PixArtSuiteValidationLoss,
+    PixArtSuiteCFGGuider,
 ]
 
 

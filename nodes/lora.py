@@ -69,6 +69,8 @@ def _patches(lora, component: str, targets: dict, patcher, prefix: str):
     for module, target in targets.items():
         full = f"{component}.{module}"
         key = prefix + target.key
+        if key not in state and key + ".weight" in state:  # a table (ops.Table): ComfyUI patches it as a leaf weight
+            key += ".weight"
         if key not in state:
             quantized = key[: -len("weight")] + "qweight" in state
             refused[full] = ("GGUF-quantized T5 weights cannot take a LoRA; load a .safetensors T5 for T5 LoRAs"

@@ -1,9 +1,10 @@
-"""PixArt Sampler, PixArt Sampler Select and PixArt Step Grid.
+"""PixArt Sampler, PixArt Sampler Select, PixArt Step Grid and PixArt CFG Guider.
 
-Sampling runs on ComfyUI's own machinery: comfy.sample.prepare_noise + comfy.sample.sample_custom with a
-comfy.samplers.KSAMPLER around pixart_core's k-diffusion-style samplers. So model management, LoRA and
-other model patches, previews (latent_preview) and interrupts (the progress hook) all apply, and the
-same samplers/grids are usable from SamplerCustom(Advanced) through the SAMPLER / SIGMAS nodes.
+Sampling runs on ComfyUI's own machinery: comfy.sample.prepare_noise + a CFGGuider (PixArtGuider, which
+applies the official Σ null conditioning) with a comfy.samplers.KSAMPLER around pixart_core's
+k-diffusion-style samplers. So model management, LoRA and other model patches, previews
+(latent_preview) and interrupts (the progress hook) all apply, and the same samplers/grids/guider are
+usable from SamplerCustomAdvanced through the SAMPLER / SIGMAS / GUIDER nodes.
 """
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import inspect
 import logging
 
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
+import comfy.model_management
 import comfy.sample
 import comfy.samplers
 import comfy.utils
@@ -20,9 +22,11 @@ import latent_preview
 
 from ..pixart_core import samplers as core_samplers
 from ..pixart_core import schedule
+from ..pixart_core.model import caption_mask, masked_captions
 from ..pixart_core.pipeline import check_sampling_fits
-from .common import CATEGORY, check_conditioning, check_widgets, queue_check, require_pixart
+from .common import CATEGORY, check_conditioning, check_widgets, queue_check, require_pixart, show_text
 from .comfy_model import pixart_config_of
+from .text_encoder import OUTPUTS_KEY
 
 log = logging.getLogger("PixArt-Σ")
 
@@ -72,31 +76,118 @@ def pixart_ksampler(sampler_name: str, eta: float | None = None) -> comfy.sample
     return comfy.samplers.KSAMPLER(sampler_function, extra_options=options)
 
 
-def share_prompt_mask(positive, negative):
-    """Official Σ CFG (spec §6.3): the negative is attended over the prompt's valid tokens.
-
-    Every negative entry gets the first positive entry's attention_mask when their token counts match;
-    otherwise (no mask, or unpadded stock-CLIP embeddings) the negative is left as it is.
-    """
-    mask = next((d.get("attention_mask") for _, d in positive if d.get("attention_mask") is not None), None)
-    if mask is None:
-        log.info("PixArt Sampler: the positive prompt has no attention mask, so the negative keeps its own")
-        return negative
-    out = []
+def share_prompt_mask(positive, negative) -> tuple[list, list[str]]:
+    """Official Σ CFG (spec §6.3): the negative attended over the prompt's tokens, i.e. its T5 outputs
+    (OUTPUTS_KEY) at the positions where the first positive entry is no padding, zero elsewhere (the
+    mask travels in the tensor, as everywhere). Returns (negative, notes): a negative that cannot
+    take the prompt's mask keeps its own, and a note says why."""
+    prompt = caption_mask(positive[0][0])  # (b, L)
+    out, notes = [], []
     for cond, d in negative:
-        if cond.shape[1] == mask.shape[-1]:
-            d = {**d, "attention_mask": mask}
+        outputs = d.get(OUTPUTS_KEY)
+        note = None
+        if not cond.any():
+            pass  # all zeros (ConditioningZeroOut): every mask gives the same attention
+        elif outputs is None:
+            note = ("the negative carries no padded T5 outputs (encode it with 'T5 Text Encode (PixArt)' on "
+                    "'Load T5 Encoder (PixArt)' for the official null)")
+        elif outputs.shape != cond.shape or not torch.equal(masked_captions(outputs, caption_mask(cond)), cond):
+            note = ("a conditioning node changed the negative after T5 Text Encode (PixArt), so its padding "
+                    "outputs are unknown")
+        elif prompt.shape[1] != cond.shape[1]:
+            note = (f"the negative has {cond.shape[1]} tokens and the prompt {prompt.shape[1]} (encode both with "
+                    "'T5 Text Encode (PixArt)' at the same max_length)")
         else:
-            log.warning("PixArt Sampler: negative has %d tokens and the prompt mask %d; the negative keeps its own "
-                        "mask (encode both with 'T5 Text Encode (PixArt)' at the same max_length)",
-                        cond.shape[1], mask.shape[-1])
+            cond = masked_captions(outputs, prompt)
+        if note:
+            notes.append(f"{note}; the negative attends its own tokens (diffusers), not the prompt's (official).")
+        out.append([cond, d])
+    return out, notes
+
+
+def native_size_error(model, latent: torch.Tensor) -> str | None:
+    """ComfyUI's own PixArt derives its position-embedding base size from the latent, round((h + w) / 128)
+    · 32 tokens (comfy/ldm/pixart/pixartms.py), which is 0, and a division by zero, below 264 px."""
+    lat_h, lat_w = latent.shape[-2:]
+    if pixart_config_of(model) is not None or round((lat_h + lat_w) // 2 / 64):
+        return None
+    return (f"ComfyUI's own PixArt model cannot sample {lat_w * 8}x{lat_h * 8}: it derives its position embedding "
+            "from the size and divides by zero below (width + height) / 2 = 264 px; use a larger size, or load the "
+            "model with 'Load PixArt-Σ Model', which samples any size")
+
+
+def attended_tokens_only(conditioning) -> list:
+    """ComfyUI's own PixArt model has no caption mask: it attends every token it is given. Given only
+    the tokens the mask keeps (one entry at a time), its attention is the masked one."""
+    out = []
+    for cond, d in conditioning:
+        keep = caption_mask(cond)
+        if cond.shape[0] == 1 and not keep.all():
+            cond = cond[:, keep[0]]
         out.append([cond, d])
     return out
+
+
+class PixArtGuider(comfy.samplers.CFGGuider):
+    """ComfyUI's CFG guider with PixArt's conditioning rules: the official Σ null conditioning
+    (share_prompt_mask), the padding dropped for ComfyUI's own PixArt model, and its size limit refused
+    in one sentence. `notes` says what could not be applied."""
+    notes: list[str] = []
+
+    def set_conds(self, positive, negative, null_mask=NULL_OFFICIAL):
+        self.notes = []
+        if null_mask == NULL_OFFICIAL:
+            negative, self.notes = share_prompt_mask(positive, negative)
+        if pixart_config_of(self.model_patcher) is None:
+            positive, negative = attended_tokens_only(positive), attended_tokens_only(negative)
+        super().set_conds(positive, negative)
+
+    def sample(self, noise, latent_image, *args, **kwargs):
+        problem = native_size_error(self.model_patcher, latent_image)
+        if problem:
+            raise ValueError(problem)
+        return super().sample(noise, latent_image, *args, **kwargs)
+
+
+def check_guidance_inputs(model, positive, negative, null_mask) -> None:
+    require_pixart(model)
+    check_conditioning(model, positive, "positive")
+    check_conditioning(model, negative, "negative")
+    if null_mask not in (NULL_OFFICIAL, NULL_OWN):
+        raise ValueError(f"null_mask {null_mask!r} is not one of {NULL_OFFICIAL!r}, {NULL_OWN!r}")
+
+
+def tell(node_cls, notes: list[str]) -> str:
+    """The notes, on the node and in the log; the text for the node's ui."""
+    text = " ".join(dict.fromkeys(notes))
+    if text:
+        log.warning("%s: %s", node_cls.define_schema().display_name, text)
+        show_text(node_cls, text)
+    return text
+
+
+def guidance_inputs() -> dict:
+    """The inputs the PixArt Sampler and the PixArt CFG Guider share, by name."""
+    return {
+        "model": io.Model.Input("model", tooltip="A PixArt model: 'Load PixArt-Σ Model' (or ComfyUI's own PixArt)."),
+        "positive": io.Conditioning.Input("positive", tooltip="The prompt, from 'T5 Text Encode (PixArt)'."),
+        "negative": io.Conditioning.Input("negative", tooltip="The negative prompt, usually 'T5 Text Encode (PixArt)' "
+                                                              "with an empty text (the official setup)."),
+        "cfg": io.Float.Input("cfg", default=4.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                              tooltip="Classifier-free guidance scale: 4.5 is the official default; 1.0 disables "
+                                      "the negative."),
+        "null_mask": io.Combo.Input("null_mask", options=[NULL_OFFICIAL, NULL_OWN], default=NULL_OFFICIAL,
+                                    tooltip="Which tokens the negative attends to. Official Σ: the prompt's mask (the "
+                                            "empty prompt's padding outputs count too); diffusers: the negative's own "
+                                            "mask (what the stock CFGGuider does). The two give slightly different "
+                                            "images."),
+    }
 
 
 class PixArtSuiteSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
+        shared = guidance_inputs()
         return io.Schema(
             node_id="PixArtSuiteSampler",
             display_name="PixArt Sampler",
@@ -105,31 +196,24 @@ class PixArtSuiteSampler(io.ComfyNode):
                         "(DPM-Solver++ 2M on its time-uniform grid, 20 steps, CFG 4.5, the negative attended over "
                         "the prompt's tokens), through ComfyUI's sampling so previews, LoRAs and offloading work.",
             inputs=[
-                io.Model.Input("model", tooltip="A PixArt model: 'Load PixArt-Σ Model' (or ComfyUI's own PixArt)."),
-                io.Conditioning.Input("positive", tooltip="The prompt, from 'T5 Text Encode (PixArt)'."),
-                io.Conditioning.Input("negative", tooltip="The negative prompt, usually 'T5 Text Encode (PixArt)' "
-                                                          "with an empty text (the official setup)."),
+                shared["model"], shared["positive"], shared["negative"],
                 io.Latent.Input("latent_image", tooltip="The latent to start from: 'PixArt Resolution' for text to "
                                                          "image, a VAE-encoded image with denoise < 1 for image to image."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the starting noise (and of the step noise of sa_solver / ddim with eta)."),
                 io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Number of model evaluations (20 official)."),
-                io.Float.Input("cfg", default=4.5, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance scale: 4.5 is the official default; 1.0 disables "
-                                       "the negative."),
+                shared["cfg"],
                 io.Combo.Input("sampler_name", options=list(SAMPLER_NAMES), default="dpmpp_2m",
                                tooltip="dpmpp_2m: the official DPM-Solver++(2M); sa_solver: PixArt's SA-Solver "
                                        "(stochastic, official τ window); euler; ddim (deterministic)."),
                 io.Combo.Input("step_grid", options=list(STEP_GRIDS), default="dpm_time_uniform",
                                tooltip=_GRID_TOOLTIP),
-                io.Combo.Input("null_mask", options=[NULL_OFFICIAL, NULL_OWN], default=NULL_OFFICIAL,
-                               tooltip="Which tokens the negative attends to. Official Σ: the prompt's mask (the "
-                                       "empty prompt's padding outputs count too); diffusers: the negative's own "
-                                       "mask. The two give slightly different images."),
+                shared["null_mask"],
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="1.0 starts from pure noise; lower keeps more of latent_image (image to image)."),
             ],
             outputs=[io.Latent.Output(tooltip="The sampled latent, for VAE Decode (SDXL VAE for Σ).")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -140,34 +224,31 @@ class PixArtSuiteSampler(io.ComfyNode):
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, step_grid, null_mask,
                 denoise) -> io.NodeOutput:
         check_widgets(cls, seed=seed, steps=steps, cfg=cfg, denoise=denoise)
-        require_pixart(model)
-        check_conditioning(model, positive, "positive")
-        check_conditioning(model, negative, "negative")
-        if null_mask not in (NULL_OFFICIAL, NULL_OWN):
-            raise ValueError(f"null_mask {null_mask!r} is not one of {NULL_OFFICIAL!r}, {NULL_OWN!r}")
+        check_guidance_inputs(model, positive, negative, null_mask)
         sampler = pixart_ksampler(sampler_name)
         sigmas = make_sigmas(step_grid, steps, denoise)
-        if pixart_config_of(model) is None and any(d.get("attention_mask") is not None for _, d in positive):
-            log.warning("PixArt Sampler: ComfyUI's native PixArt model ignores attention masks; load the model "
-                        "with 'Load PixArt-Σ Model' for masked (official) cross-attention")
-        if null_mask == NULL_OFFICIAL:
-            negative = share_prompt_mask(positive, negative)
 
         latent = latent_image.copy()
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+        problem = native_size_error(model, samples)
+        if problem:
+            raise ValueError(problem)
         config = pixart_config_of(model)
         check_sampling_fits(samples.shape[0], samples.shape[-2], samples.shape[-1], model.load_device,
                             *((config.hidden_size, config.patch_size) if config else ()))
         latent["samples"] = samples
         if sigmas.numel() == 0:  # denoise 0: nothing to do
             return io.NodeOutput(latent)
+        guider = PixArtGuider(model)
+        guider.set_conds(positive, negative, null_mask)
+        guider.set_cfg(cfg)
+        text = tell(cls, guider.notes)
         noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
         callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
-        out = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, samples,
-                                         noise_mask=latent.get("noise_mask"), callback=callback,
-                                         disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
-        latent["samples"] = out
-        return io.NodeOutput(latent)
+        out = guider.sample(noise, samples, sampler, sigmas, denoise_mask=latent.get("noise_mask"), callback=callback,
+                            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        latent["samples"] = out.to(comfy.model_management.intermediate_device())
+        return io.NodeOutput(latent, ui=ui.PreviewText(text) if text else None)
 
 
 class PixArtSuiteSamplerSelect(io.ComfyNode):
@@ -228,3 +309,33 @@ class PixArtSuiteSigmas(io.ComfyNode):
         check_widgets(cls, steps=steps, denoise=denoise)
         require_pixart(model)
         return io.NodeOutput(make_sigmas(step_grid, steps, denoise))
+
+
+class PixArtSuiteCFGGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PixArtSuiteCFGGuider",
+            display_name="PixArt CFG Guider",
+            category=CATEGORY,
+            description="Classifier-free guidance as the PixArt Sampler does it (by default the official Σ one: the "
+                        "negative attended over the prompt's tokens), as a GUIDER for SamplerCustomAdvanced. The "
+                        "stock CFGGuider gives the negative its own tokens (the diffusers variant).",
+            inputs=list(guidance_inputs().values()),
+            outputs=[io.Guider.Output(tooltip="Connect to SamplerCustomAdvanced's guider input.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, cfg):
+        return queue_check(check_widgets, cls, cfg=cfg)
+
+    @classmethod
+    def execute(cls, model, positive, negative, cfg, null_mask) -> io.NodeOutput:
+        check_widgets(cls, cfg=cfg)
+        check_guidance_inputs(model, positive, negative, null_mask)
+        guider = PixArtGuider(model)
+        guider.set_conds(positive, negative, null_mask)
+        guider.set_cfg(cfg)
+        text = tell(cls, guider.notes)
+        return io.NodeOutput(guider, ui=ui.PreviewText(text) if text else None)

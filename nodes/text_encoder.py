@@ -4,7 +4,12 @@ The CLIP is ComfyUI's own class around two small adapters:
 - PixArtT5Tokenizer.tokenize_with_weights: pixart_core's tokenisation (pad to max_length, truncate
   keeping EOS, no caption cleaning, no "(word:1.2)" weight syntax - the official Σ inference has none).
 - PixArtT5Encoder (the cond-stage nn.Module): runs pixart_core's T5 on those ids with the attention
-  mask and returns (embeddings, None, {"attention_mask": mask}), so CONDITIONING carries the mask.
+  mask. The mask travels inside the embeddings: padded positions are exactly-zero rows
+  (pixart_core.model.caption_mask), so stock nodes that slice, concatenate or average CONDITIONING
+  keep it right. The T5's outputs at every position ride along under OUTPUTS_KEY for the official Σ
+  null conditioning (the negative attended over the prompt's tokens: nodes/sampling.py).
+  Its weights are `t5xxl.transformer.*`, the names of ComfyUI's own PixArt T5, so CLIPSave and
+  CheckpointSave write files ComfyUI's loaders (and ours) read.
 Memory is ComfyUI's: the CLIP's ModelPatcher moves the T5 weights to the GPU for encoding and back
 after. The T5's Linear/Embedding/LayerNorm modules are switched to cast-capable classes (ComfyUI's
 comfy.ops ones) so a T5 that does not fit in VRAM is loaded partially, as ComfyUI's own T5 is.
@@ -21,6 +26,7 @@ import comfy.model_management as mm
 import comfy.ops
 import comfy.sd
 
+from ..pixart_core.model import masked_captions
 from ..pixart_core.t5 import DEFAULT_MAX_LENGTH, T5LoadError, clean_prompt, load_t5
 from .common import CATEGORY, queue_check, show_text
 
@@ -28,6 +34,7 @@ log = logging.getLogger("PixArt-Σ")
 
 TOKEN_KEY = "t5xxl"  # the key ComfyUI's T5 tokenizers use, so token-passing nodes keep working
 META_KEY = "pixart_t5"  # our own entry: max_length and the tokens dropped per prompt
+OUTPUTS_KEY = "pixart_t5_outputs"  # CONDITIONING entry: the T5 outputs at every position, padding included
 MAX_LENGTHS = {"Σ: 300 tokens": 300, "α: 120 tokens": 120}
 
 
@@ -92,11 +99,26 @@ class PixArtT5Encoder(torch.nn.Module):
     def __init__(self, t5=None, device=None, dtype=None, model_options={}):
         super().__init__()
         self.t5 = t5
-        self.transformer = t5.model  # registered as a child, so the CLIP's ModelPatcher moves these weights
+        self.t5xxl = torch.nn.Module()  # registered children, so the CLIP's ModelPatcher moves these weights
+        self.t5xxl.transformer = t5.model
         _make_castable(self.transformer)
         if device is not None:
             self.transformer.to(device)
         self.dtypes = {p.dtype for p in self.transformer.parameters()}
+
+    @property
+    def transformer(self):
+        return self.t5xxl.transformer
+
+    def state_dict(self, *args, **kwargs):
+        """Without the tied alias of the token embedding (encoder.embed_tokens is `shared`): one tensor
+        under two names cannot be written to safetensors (CLIPSave), and ComfyUI would patch it twice."""
+        sd = super().state_dict(*args, **kwargs)
+        if self.transformer.encoder.embed_tokens is self.transformer.shared:
+            alias = kwargs.get("prefix", "") + "t5xxl.transformer.encoder.embed_tokens."
+            for key in [k for k in sd if k.startswith(alias)]:
+                del sd[key]
+        return sd
 
     @property
     def width(self) -> int:
@@ -112,7 +134,8 @@ class PixArtT5Encoder(torch.nn.Module):
         return self.transformer.load_state_dict(sd, strict=False)
 
     def encode_token_weights(self, token_weight_pairs):
-        """(embeddings (1, L, D) float32, None, {"attention_mask": (1, L)}) on ComfyUI's intermediate device."""
+        """(embeddings (1, L, D) float32 with exactly-zero padding rows, None, {OUTPUTS_KEY: the unmasked
+        embeddings}) on ComfyUI's intermediate device."""
         sections = token_weight_pairs[TOKEN_KEY]
         ids = torch.tensor([[p[0] for p in section] for section in sections], dtype=torch.long)  # (S, L)
         mask = (ids != self.t5.tokenizer.pad_token_id).long()
@@ -125,9 +148,8 @@ class PixArtT5Encoder(torch.nn.Module):
             raise ValueError(f"T5 from {self.t5.path} produced inf/NaN embeddings in {self.t5.dtype}; "
                              "load it with dtype bf16 or fp32 instead")
         # Sections are pieces of one prompt (ComfyUI's convention): concatenated along the tokens.
-        cond = out.float().reshape(1, -1, out.shape[-1]).to(mm.intermediate_device())
-        mask = mask.reshape(1, -1).to(mm.intermediate_device())
-        return cond, None, {"attention_mask": mask}
+        full = out.float().reshape(1, -1, out.shape[-1]).to(mm.intermediate_device())
+        return masked_captions(full, mask.reshape(1, -1)), None, {OUTPUTS_KEY: full}
 
 
 def _default_dtype(load_device) -> torch.dtype:
@@ -196,8 +218,9 @@ class PixArtSuiteT5TextEncode(io.ComfyNode):
                                tooltip="T5 tokens the model was trained with: 300 for PixArt-Σ, 120 for PixArt-α. "
                                        "Longer prompts are cut and a warning is shown."),
             ],
-            outputs=[io.Conditioning.Output(tooltip="Embeddings (1, tokens, 4096) with an attention_mask, for the "
-                                                    "PixArt Sampler or any sampler.")],
+            outputs=[io.Conditioning.Output(tooltip="Embeddings (1, tokens, 4096), padding zeroed (the mask travels "
+                                                    "inside, through any conditioning node), for the PixArt Sampler "
+                                                    "or any sampler.")],
             hidden=[io.Hidden.unique_id],
         )
 

@@ -529,6 +529,17 @@ def describe(lora: LoraFile) -> str:
     return "\n".join(lines)
 
 
+def _parameter(model, key: str):
+    """The parameter a state-dict key names; tables (ops.Table) keep their official names in state dicts
+    but hold the tensor as `<name>.weight`. None when the model has neither."""
+    for name in (key, key + ".weight"):
+        try:
+            return model.get_parameter(name)
+        except AttributeError:
+            pass
+    return None
+
+
 def merge_lora(model, lora: LoraFile, strength: float = 1.0) -> dict[str, str]:
     """Add a converted LoRA's transformer part (LoRA factors, diff and diff_b patches: what LoRA trainers and
     ComfyUI's Train LoRA write) into a pixart_core PixArt's weights, in place. Returns module -> reason for
@@ -542,9 +553,8 @@ def merge_lora(model, lora: LoraFile, strength: float = 1.0) -> dict[str, str]:
         if kind in ("LoHa", "LoKr"):
             raise LoraError(f"{lora.path.name}: {module} is a {kind}, which only ComfyUI applies here; use it with "
                             "the Load PixArt LoRA node")
-        try:
-            weight = model.get_parameter(target.key)
-        except AttributeError:
+        weight = _parameter(model, target.key)
+        if weight is None:
             skipped[f"{TRANSFORMER}.{module}"] = f"this model has no {target.key}"
             continue
         start, rows = target.rows(weight.shape[0])

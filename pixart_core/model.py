@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from torch import nn
 
 from .checks import InputError
 from .config import KV_COMPRESS_MODES, PixArtConfig
-from .ops import CastOps, gemm_dtype, linear_params
+from .ops import CastOps, gemm_dtype, linear_params, load_tables_by_official_names
 
 
 #################################################################################
@@ -52,6 +52,21 @@ def sincos_pos_embed(h: int, w: int, dim: int, base_size: int, pe_interpolation:
     emb_w, emb_h = axis(w), axis(h)
     grid = torch.cat([emb_w[None].expand(h, w, -1), emb_h[:, None].expand(h, w, -1)], dim=-1)  # (h, w, dim)
     return grid.reshape(h * w, dim)
+
+
+def caption_mask(context: torch.Tensor) -> torch.Tensor:
+    """(B, L, C) caption embeddings -> (B, L) bool, the tokens to attend to: exactly-zero rows are
+    padding. So a mask can travel inside the embeddings (masked_captions), kept right by anything
+    that slices, concatenates, pads with zeros or averages them. An all-zero caption keeps its first
+    token: its tokens are all alike, so attending to one is attending to all."""
+    mask = context.ne(0).any(-1)  # (B, L)
+    mask[:, 0] |= ~mask.any(1)
+    return mask
+
+
+def masked_captions(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, C) embeddings with the rows `mask` (B, L) leaves out set to exactly zero."""
+    return torch.where(mask.bool()[..., None].to(embeds.device), embeds, 0)
 
 
 def modulate(x, shift, scale):
@@ -141,12 +156,19 @@ class Mlp(nn.Module):
         return self.fc2(self.hidden(x))
 
 
+def table_layer(operations):
+    """The operations' Table layer (ops.Table), or pixart_core's where they have none."""
+    return getattr(operations, "Table", CastOps.Table)
+
+
 class CaptionEmbedder(nn.Module):
     def __init__(self, caption_channels, hidden_size, max_length, dtype=None, device=None, operations=CastOps):
         super().__init__()
         self.y_proj = Mlp(caption_channels, hidden_size, hidden_size, dtype=dtype, device=device, operations=operations)
-        # The training-time null caption (T5("") for Σ). A buffer: never trained, but saved.
-        self.register_buffer("y_embedding", torch.empty(max_length, caption_channels, dtype=dtype, device=device))
+        # The training-time null caption (T5("") for Σ): never trained, but saved.
+        self.y_embedding = table_layer(operations)(max_length, caption_channels, trainable=False, dtype=dtype,
+                                                   device=device)
+        load_tables_by_official_names(self)
 
     def forward(self, context):
         return self.y_proj(context)  # (B, L, C) -> (B, L, D)
@@ -381,13 +403,14 @@ class PixArtBlock(nn.Module):
         self.attn = SelfAttention(D, config.num_heads, config.qk_norm, kv_compress_ratio, dtype, device, operations)
         self.cross_attn = CrossAttention(D, config.num_heads, dtype, device, operations)
         self.mlp = Mlp(D, config.mlp_hidden, D, dtype=dtype, device=device, operations=operations)
-        self.scale_shift_table = nn.Parameter(torch.empty(6, D, dtype=dtype, device=device))
+        self.scale_shift_table = table_layer(operations)(6, D, dtype=dtype, device=device)
+        load_tables_by_official_names(self)
 
     def forward(self, x, y, t0, mask, hw, kv=None, ff_chunk=None, shared=False):
         """x (B, N, D) is updated in place when no gradient is needed. shared: all samples have the
         same t0 (same timestep), which lets the modulation and gates fold into the neighbouring ops."""
         B, N, D = x.shape
-        mod = self.scale_shift_table.to(x.dtype)[None] + t0.view(B, 6, D)  # (B, 6, D)
+        mod = self.scale_shift_table.get(x)[None] + t0.view(B, 6, D)  # (B, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)  # each (B, 1, D)
         h = self.attn.attend(modulated_norm(x, shift_msa, scale_msa, shared), hw, kv)  # (B, N, D), before proj
         x = add_gated(x, gate_msa, self.attn.proj, h, shared)
@@ -421,6 +444,15 @@ class BlockInputs:
         return block(tokens, self.y, self.t0, self.mask, self.hw, self.kv.for_layer(i), self.ff_chunk, self.shared)
 
 
+class BlockReplace(Protocol):
+    """Runs in place of block i (skip-layer guidance, block-level patches): gets the stream before
+    the block and `original(tokens, inputs)`, which runs block i as usual on a copy of its tokens
+    (blocks update the stream in place), so a replacement may still use what it was given."""
+
+    def __call__(self, tokens: torch.Tensor, inputs: BlockInputs, original) -> torch.Tensor:
+        """(B, N, D) stream after block i."""
+
+
 class BlockHook(Protocol):
     """Something that reads the token stream after block i and adds to it (a ControlNet branch)."""
 
@@ -432,10 +464,11 @@ class FinalLayer(nn.Module):
     def __init__(self, hidden_size, patch_size, out_channels, dtype=None, device=None, operations=CastOps):
         super().__init__()
         self.linear = operations.Linear(hidden_size, patch_size * patch_size * out_channels, dtype=dtype, device=device)
-        self.scale_shift_table = nn.Parameter(torch.empty(2, hidden_size, dtype=dtype, device=device))
+        self.scale_shift_table = table_layer(operations)(2, hidden_size, dtype=dtype, device=device)
+        load_tables_by_official_names(self)
 
     def forward(self, x, t):
-        shift, scale = (self.scale_shift_table.to(x.dtype)[None] + t[:, None]).chunk(2, dim=1)  # (B, 1, D) each
+        shift, scale = (self.scale_shift_table.get(x)[None] + t[:, None]).chunk(2, dim=1)  # (B, 1, D) each
         return self.linear(modulate(layer_norm(x), shift, scale))  # (B, N, p·p·C_out)
 
 
@@ -486,7 +519,7 @@ class PixArt(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
         D = self.config.hidden_size
         for block in self.blocks:
-            block.scale_shift_table.normal_(0, D ** -0.5)
+            block.scale_shift_table.weight.normal_(0, D ** -0.5)
             nn.init.zeros_(block.cross_attn.proj.weight)
             nn.init.zeros_(block.cross_attn.proj.bias)
             if block.attn.sr is not None:
@@ -495,11 +528,11 @@ class PixArt(nn.Module):
                 if norm is not None:
                     nn.init.ones_(norm.weight)
                     nn.init.zeros_(norm.bias)
-        self.final_layer.scale_shift_table.normal_(0, D ** -0.5)
+        self.final_layer.scale_shift_table.weight.normal_(0, D ** -0.5)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
         C = self.config.caption_channels
-        self.y_embedder.y_embedding.normal_(0, C ** -0.5)
+        self.y_embedder.y_embedding.weight.normal_(0, C ** -0.5)
 
     # -- helpers ------------------------------------------------------------------
 
@@ -511,7 +544,8 @@ class PixArt(nn.Module):
         return self._pe_cache[key]  # (N, D)
 
     def _prepare_captions(self, context, context_mask, batch):
-        """Caption embeddings -> (B, L', C) and an SDPA mask (B, 1, 1, L') or None.
+        """Caption embeddings -> (B, L', C) and an SDPA mask (B, 1, 1, L') or None. Without
+        context_mask the mask is the embeddings' own (caption_mask: exactly-zero rows are padding).
 
         Columns no sample attends to are dropped: attending to a masked token adds nothing, so this
         is exact, and it cuts 300 padded T5 tokens to the longest prompt.
@@ -527,7 +561,7 @@ class PixArt(nn.Module):
                 raise ValueError(f"caption batch {context.shape[0]} does not divide latent batch {batch}")
             context = context.repeat(batch // context.shape[0], 1, 1)
         if context_mask is None:
-            return context, None
+            context_mask = caption_mask(context)
         mask = context_mask.reshape(context_mask.shape[0], -1).to(device=context.device) != 0  # (b, L)
         if mask.shape[1] != context.shape[1]:
             raise ValueError(f"caption mask has {mask.shape[1]} tokens but the embeddings have {context.shape[1]}")
@@ -547,11 +581,17 @@ class PixArt(nn.Module):
         tokens = self.x_embedder(x.to(dtype))  # (B, N, D)
         return tokens + self.pos_embed(x.shape[-2] // p, x.shape[-1] // p, tokens.device, dtype)
 
-    def run_blocks(self, tokens, inputs: BlockInputs, hooks: Sequence[BlockHook] = ()):
-        """The block loop. Hooks all read the stream as block i left it; their outputs add (chained
-        ControlNets sum their contributions)."""
+    def run_blocks(self, tokens, inputs: BlockInputs, hooks: Sequence[BlockHook] = (),
+                   replace: Mapping[int, BlockReplace] | None = None):
+        """The block loop. replace[i] runs instead of block i. Hooks all read the stream as block i
+        (or its replacement) left it; their outputs add (chained ControlNets sum their contributions).
+        A replacement is for the model's own blocks: a ControlNet's copy i still runs after it."""
         for i, block in enumerate(self.blocks):
-            tokens = inputs.run(block, i, tokens)  # (B, N, D)
+            swap = replace.get(i) if replace else None
+            if swap is None:
+                tokens = inputs.run(block, i, tokens)  # (B, N, D)
+            else:
+                tokens = swap(tokens, inputs, lambda t, inp, block=block, i=i: inp.run(block, i, t.clone()))
             for extra in [e for hook in hooks if (e := hook.after_block(i, tokens, inputs)) is not None]:
                 tokens = tokens + extra if torch.is_grad_enabled() else tokens.add_(extra)
         return tokens
@@ -565,14 +605,17 @@ class PixArt(nn.Module):
     # -- forward --------------------------------------------------------------------
 
     def forward(self, x, timesteps, context, context_mask=None, c_size=None, c_ar=None,
-                kv_compress: KVCompress | None = None, controls: Sequence = (), **kwargs):
+                kv_compress: KVCompress | None = None, controls: Sequence = (),
+                block_replace: Mapping[int, BlockReplace] | None = None, **kwargs):
         """
         x: (B, C_in, H, W) latent, H and W divisible by the patch size.
         timesteps: (B,) float, 0..999 scale (non-integer allowed).
-        context: (B, L, C) or (B, 1, L, C) caption embeddings; context_mask: (B, L), 1 = valid.
+        context: (B, L, C) or (B, 1, L, C) caption embeddings; context_mask: (B, L), 1 = valid, or None:
+            caption_mask(context) (exactly-zero rows are padding).
         c_size: (B, 2) image height, width in px; c_ar: (B, 1) aspect ratio (α-1024 micro-conditioning).
         kv_compress: per-call override of the configured KV compression.
         controls: ControlNets to apply (controlnet.ControlInput: net, hint latent, strength); they add up.
+        block_replace: {block index: BlockReplace} run instead of those blocks (see run_blocks).
         Returns (B, C_out, H, W): ε in the first C_in channels, the learned variance in the rest.
         """
         cfg = self.config
@@ -604,6 +647,6 @@ class PixArt(nn.Module):
         shared = B == 1 or bool((t0 == t0[:1]).all())  # one timestep for the batch (always under CFG)
         inputs = BlockInputs(y, t0, mask, (h, w), kv, self.ff_chunk, shared)
         hooks = [hook for c in controls if (hook := c.start(self, inputs)) is not None]
-        tokens = self.run_blocks(tokens, inputs, hooks)  # (B, N, D)
+        tokens = self.run_blocks(tokens, inputs, hooks, block_replace)  # (B, N, D)
         tokens = self.final_layer(tokens, t)  # (B, N, p·p·C_out)
         return self.unpatchify(tokens, h, w)

@@ -2,7 +2,7 @@
 
 `CastOps` layers compute in the input's dtype: weights stored in another dtype (fp8, bf16 on an
 fp32 run, ...) are cast on the fly, one layer at a time. ComfyUI passes its own `comfy.ops`
-namespaces instead, which have the same constructor signatures.
+namespaces instead, which have the same constructor signatures (those without a `Table` get this one).
 """
 import functools
 
@@ -70,3 +70,44 @@ class CastOps:
     class LayerNorm(nn.LayerNorm):
         def forward(self, x):
             return F.layer_norm(x, self.normalized_shape, _cast(self.weight, x), _cast(self.bias, x), self.eps)
+
+
+def _official_name(module, state_dict, prefix, local_metadata):
+    if prefix and prefix + "weight" in state_dict:
+        state_dict[prefix[:-1]] = state_dict.pop(prefix + "weight")
+
+
+def _leaf_names(module, state_dict, prefix, *args):
+    for name, child in module.named_children():
+        if isinstance(child, Table) and prefix + name in state_dict:
+            state_dict[prefix + name + ".weight"] = state_dict.pop(prefix + name)
+
+
+class Table(nn.Module):
+    """A learned tensor that is not a layer's weight in the reference (a modulation table, the null
+    caption), held as the `weight` of its own leaf layer: weight patchers that reach only leaf layers
+    (ComfyUI's ModelPatcher, for LoRAs, merges and offloading) then patch and move it like any other.
+    State dicts still name it as the official checkpoints do, `<owner>.<name>`; an owner that calls
+    `load_tables_by_official_names(self)` loads it from that name too (or from `<owner>.<name>.weight`)."""
+    bias = None
+
+    def __init__(self, *shape, trainable=True, dtype=None, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=trainable)
+        post = getattr(self, "register_state_dict_post_hook", None)  # public from torch 2.5
+        post(_official_name) if post is not None else self._register_state_dict_hook(_official_name)
+
+    def get(self, like: torch.Tensor) -> torch.Tensor:
+        """The tensor on `like`'s device, in its dtype."""
+        return _cast(self.weight, like)
+
+
+def load_tables_by_official_names(owner: nn.Module) -> None:
+    """Let `owner`'s Table children load from `<owner>.<name>` keys (a child only sees keys below its own name)."""
+    if hasattr(owner, "register_state_dict_post_hook"):  # torch >= 2.5
+        owner.register_load_state_dict_pre_hook(_leaf_names)
+    else:
+        owner._register_load_state_dict_pre_hook(_leaf_names, with_module=True)
+
+
+CastOps.Table = Table

@@ -50,7 +50,7 @@ def null_conditioning(mode: str, prompt: Conditioning, negative: Conditioning | 
     if mode == "prompt_mask":
         return Conditioning(negative.embeds, prompt.mask)
     if mode == "y_embedding":
-        null = model.y_embedder.y_embedding
+        null = model.y_embedder.y_embedding.weight
         if not null.abs().sum():
             raise InputError("this checkpoint has no null caption (diffusers files drop y_embedding); "
                              "use null mode prompt_mask or own_mask")

@@ -169,7 +169,7 @@ def training_step(model: PixArt, batch: Sample, generator: torch.Generator, capt
     drop = torch.rand(B, generator=generator) < caption_dropout
     x0, context, mask = x0.to(device), batch.context.to(device), batch.mask.to(device)
     if drop.any():
-        null = model.y_embedder.y_embedding
+        null = model.y_embedder.y_embedding.weight
         if not null.abs().sum():
             raise ValueError("caption dropout needs the checkpoint's null caption (y_embedding), which this file "
                              "does not have (diffusers files drop it); set caption dropout to 0")

@@ -370,19 +370,21 @@ def img2img(oi) -> tuple[Workflow, str]:
 def sampler_custom_advanced(oi) -> tuple[Workflow, str]:
     wf = Workflow("sampler_custom_advanced", oi)
     ids = _common(wf, PIXART_1024, _note([PIXART_1024, T5_XXL, SDXL_VAE], "PixArt-Σ in SamplerCustomAdvanced",
-                                         "The pack's samplers (here SA-Solver) and step grids plug into "
-                                         "ComfyUI's custom sampling nodes, next to any stock noise and guider."))
+                                         "The pack's samplers (here SA-Solver), step grids and CFG guider plug "
+                                         "into ComfyUI's custom sampling nodes. PixArt CFG Guider does the "
+                                         "official Σ guidance (the negative attended over the prompt's tokens); "
+                                         "the stock CFGGuider gives the diffusers variant."))
     res = wf.node("PixArtSuiteResolution", (X1, 460), (430, 180),
                   {"size_class": "from model", "aspect_ratio": "1.00 square"}, color=OURS)
     wf.link(ids["model"], 0, res, "model")
     noise = wf.node("RandomNoise", (X2, 0), (320, 90), {"noise_seed": SEED})
-    guider = wf.node("CFGGuider", (X2, 140), (320, 100), {"cfg": 4.5})
+    guider = wf.node("PixArtSuiteCFGGuider", (X2, 140), (320, 130), {"cfg": 4.5}, color=OURS)
     wf.link(ids["model"], 0, guider, "model")
     wf.link(ids["pos"], 0, guider, "positive")
     wf.link(ids["neg"], 0, guider, "negative")
-    sel = wf.node("PixArtSuiteSamplerSelect", (X2, 290), (320, 90), {"sampler_name": "sa_solver", "eta": 1.0},
+    sel = wf.node("PixArtSuiteSamplerSelect", (X2, 320), (320, 90), {"sampler_name": "sa_solver", "eta": 1.0},
                   color=OURS)
-    sig = wf.node("PixArtSuiteSigmas", (X2, 430), (320, 130),
+    sig = wf.node("PixArtSuiteSigmas", (X2, 460), (320, 130),
                   {"step_grid": "dpm_time_uniform", "steps": 20, "denoise": 1.0}, color=OURS)
     wf.link(ids["model"], 0, sig, "model")
     adv = wf.node("SamplerCustomAdvanced", (X3, 200), (260, 130))

@@ -44,7 +44,7 @@ def test_official_pth_autodetects_everything(model, tmp_path):
     assert loaded.layout == "official" and loaded.has_null_embedding
     assert loaded.config == model.config
     assert loaded.sources["sample_size"] == "weights (pos_embed)"
-    assert torch.equal(loaded.model.y_embedder.y_embedding, model.y_embedder.y_embedding)
+    assert torch.equal(loaded.model.y_embedder.y_embedding.weight, model.y_embedder.y_embedding.weight)
     assert same_output(loaded.model, model)
 
 
@@ -146,7 +146,7 @@ def test_preset_and_weight_dtype(model, tmp_path):
     loaded = load_pixart(path, dtype="fp8_e4m3fn", compute_dtype=torch.float32)
     assert loaded.model.blocks[0].mlp.fc1.weight.dtype == torch.float8_e4m3fn
     assert loaded.model.blocks[0].mlp.fc1.bias.dtype == torch.float32
-    assert loaded.model.blocks[0].scale_shift_table.dtype == torch.float32
+    assert loaded.model.blocks[0].scale_shift_table.weight.dtype == torch.float32
     with pytest.raises(CheckpointError, match="sigma-1024-ms"):
         load_pixart(path, preset="sigma-1024-ms")  # real width: shapes contradict
     with pytest.raises(CheckpointError, match="unknown dtype 'fp12'"):

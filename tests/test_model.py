@@ -130,14 +130,17 @@ def test_pos_embed_layout_and_range():
     assert pe[0, 0, 4].item() == pytest.approx(1.0)  # cos(0)
 
 
+def trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)  # the null caption is not trained
+
+
 def test_real_size_parameter_counts():
-    counts = {name: sum(p.numel() for p in PixArt(cfg.replace(kv_compress_layers=()), device="meta").parameters())
-              for name, cfg in PRESETS.items()}
+    counts = {name: trainable(PixArt(cfg.replace(kv_compress_layers=()), device="meta")) for name, cfg in PRESETS.items()}
     assert counts["sigma-1024-ms"] == 610_856_096
     assert counts["sigma-2k-ms"] == counts["sigma-256"] == 610_856_096
     assert counts["alpha-1024-ms"] == 611_349_152
     with_conv = PixArt(PRESETS["sigma-2k-ms"].replace(kv_compress_layers=tuple(range(14, 28))), device="meta")
-    assert sum(p.numel() for p in with_conv.parameters()) == 610_856_096 + 14 * 8064
+    assert trainable(with_conv) == 610_856_096 + 14 * 8064
 
 
 def test_average_conv_equals_average_pooling():
@@ -337,3 +340,56 @@ def test_cross_attention_does_not_fold_where_gemms_run_in_low_precision(monkeypa
         with torch.no_grad():
             ca(x, y)
         assert (not calls) == folds, native
+
+
+def test_zero_rows_are_padding():
+    """Without a mask, exactly-zero caption rows are padding (caption_mask): the mask travels inside the
+    embeddings. An all-zero caption attends one of its (identical) tokens, which is attending to all."""
+    from pixart_core.model import caption_mask, masked_captions
+    model = random_model().eval()
+    x, t, y, mask = inputs(model.config, batch=2)
+    with torch.no_grad():
+        want = model(x, t, y, mask)
+        assert torch.equal(caption_mask(masked_captions(y, mask)), mask.bool())
+        assert rel_err(model(x, t, masked_captions(y, mask)), want) < 1e-6
+        zeros = torch.zeros_like(y)
+        assert caption_mask(zeros).sum() == 2
+        assert rel_err(model(x, t, zeros), model(x, t, zeros, torch.ones_like(mask))) < 1e-6
+
+
+def test_block_replacements_run_instead_of_blocks():
+    """block_replace[i] runs in place of block i; `original` runs the block as usual on a copy of the stream."""
+    import copy
+    model = random_model().eval()
+    x, t, y, mask = inputs(model.config, batch=2)
+
+    def keep(tokens, inputs, original):
+        given = tokens.clone()
+        out = original(tokens, inputs)
+        assert torch.equal(tokens, given)  # the block updated its copy, not what the replacement holds
+        return out
+
+    with torch.no_grad():
+        plain = model(x, t, y, mask)
+        assert torch.equal(model(x, t, y, mask, block_replace={0: keep, 1: keep}), plain)
+        skipped = model(x, t, y, mask, block_replace={1: lambda tokens, inputs, original: tokens})
+        shallow = copy.deepcopy(model)
+        del shallow.blocks[1]
+        assert torch.equal(skipped, shallow(x, t, y, mask)) and rel_err(skipped, plain) > 1e-3
+
+
+def test_tables_are_leaf_weights_under_the_official_names():
+    """scale_shift_table and y_embedding are `weight`s of leaf layers (ops.Table, for weight patchers that
+    reach leaf layers only) and keep the official state-dict names, loading from either form."""
+    from pixart_core.ops import Table
+    model = random_model()
+    keys = set(model.state_dict())
+    assert {"blocks.0.scale_shift_table", "final_layer.scale_shift_table", "y_embedder.y_embedding"} <= keys
+    assert not any(k.endswith("table.weight") or k.endswith("y_embedding.weight") for k in keys)
+    tables = [m for m in model.modules() if isinstance(m, Table)]
+    assert len(tables) == model.config.depth + 2 and all(not list(m.children()) for m in tables)
+    assert not model.y_embedder.y_embedding.weight.requires_grad and model.blocks[0].scale_shift_table.weight.requires_grad
+    other = random_model(seed=3)
+    leaf_names = {(k + ".weight" if "table" in k or "y_embedding" in k else k): v for k, v in model.state_dict().items()}
+    other.load_state_dict(leaf_names)
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in model.state_dict().items())

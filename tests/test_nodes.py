@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 import pixart_fixtures as pf
 import t5_fixtures as tf
 from pixart_core.config import tiny
+from pixart_core.model import caption_mask, masked_captions, sincos_pos_embed
 from pixart_core.loading import save_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -91,6 +92,16 @@ def empty_latent(batch=1, side=16):
     return {"samples": torch.zeros(batch, 4, side, side)}
 
 
+def t5_outputs(conditioning) -> torch.Tensor:
+    """The T5 outputs at every position, padding included (what the official null attends)."""
+    return conditioning[0][1][sys.modules[PACK_NAME].nodes.text_encoder.OUTPUTS_KEY]
+
+
+def mask_of(conditioning) -> torch.Tensor:
+    """(1, L) 0/1 mask of the first entry: its nonzero rows (the pack's T5 zeroes the padding)."""
+    return caption_mask(conditioning[0][0]).long()
+
+
 def one_sentence(err) -> str:
     msg = str(err.value if hasattr(err, "value") else err)
     assert "\n" not in msg and not re.search(r"[.;:]\s+[A-Z][a-z]", msg.replace("PixArt", "pixart")), msg
@@ -112,7 +123,7 @@ def run_sampler(env, model=None, seed=0, steps=3, cfg=4.5, sampler="dpmpp_2m", g
 def test_every_node_is_registered_documented_and_prefixed(env):
     extension = asyncio.run(env.pack.comfy_entrypoint())
     nodes = asyncio.run(extension.get_node_list())
-    assert [c.__name__ for c in nodes] == [c.__name__ for c in env.n.NODES] and len(nodes) == 12
+    assert [c.__name__ for c in nodes] == [c.__name__ for c in env.n.NODES] and len(nodes) == 13
     for cls in nodes:
         schema = cls.GET_SCHEMA()
         assert schema.node_id.startswith("PixArtSuite") and schema.node_id == cls.__name__
@@ -185,7 +196,8 @@ def test_comfy_linears_hand_out_the_weights_their_forward_uses(env):
         lin.weight_function.clear()
     assert hasattr(wrap(comfy.ops.manual_cast).Linear, "params_for")
     scaled = comfy.ops.scaled_fp8_ops()
-    assert wrap(scaled) is scaled and not hasattr(scaled.Linear, "params_for")
+    assert wrap(scaled).Linear is scaled.Linear and not hasattr(scaled.Linear, "params_for")
+    assert wrap(scaled).Table is wrap(comfy.ops.manual_cast).Table  # tables are cast layers in every set
     ca = CrossAttention(64, 4, operations=wrap(comfy.ops.manual_cast)).eval()
     for p in ca.parameters():
         torch.nn.init.normal_(p, std=0.3)
@@ -240,12 +252,14 @@ def test_t5_clip_is_a_comfy_clip_and_stock_cliptextencode_gives_the_mask(env):
                                               dtype=torch.float32, device="cpu")
     want, want_mask = core_t5.encode(["a photo of a cat"], 300)
     (cond, extra), = comfy_nodes.CLIPTextEncode().encode(env.clip, "a photo of a cat")[0]
-    assert cond.shape == (1, 300, 32) and extra["attention_mask"].shape == (1, 300)
-    assert torch.equal(extra["attention_mask"], want_mask)
-    assert torch.allclose(cond, want, atol=1e-6, rtol=1e-6)
+    outputs = extra[env.n.text_encoder.OUTPUTS_KEY]
+    assert cond.shape == outputs.shape == (1, 300, 32)
+    assert torch.equal(caption_mask(cond).long(), want_mask)  # the mask travels in the tensor: zero padding rows
+    assert torch.allclose(outputs, want, atol=1e-6, rtol=1e-6)
+    assert torch.equal(cond, masked_captions(outputs, want_mask))
     (cond2, extra2), = env.n.PixArtSuiteT5TextEncode.execute(env.clip, "a photo of a cat", "Σ: 300 tokens")[0]
-    assert torch.equal(cond2, cond) and torch.equal(extra2["attention_mask"], extra["attention_mask"])
-    assert env.pos[0][0].shape == (1, 120, 32) and int(env.pos[0][1]["attention_mask"].sum()) == 8
+    assert torch.equal(cond2, cond) and torch.equal(extra2[env.n.text_encoder.OUTPUTS_KEY], outputs)
+    assert env.pos[0][0].shape == (1, 120, 32) and int(caption_mask(env.pos[0][0]).sum()) == 8
 
 
 def test_t5_from_hf_folder_and_partial_load(env):
@@ -268,7 +282,7 @@ def test_truncation_warning_reaches_log_and_ui(env, caplog):
     message = out.ui.as_dict()["text"][0]
     assert "cut off" in message and "120" in message
     assert any("cut off" in r.getMessage() for r in caplog.records)
-    assert int(out[0][0][1]["attention_mask"].sum()) == 120
+    assert bool(caption_mask(out[0][0][0]).all())
     ok = env.n.PixArtSuiteT5TextEncode.execute(env.clip, "a cat", "α: 120 tokens")
     assert ok.ui.as_dict()["text"][0].startswith("4 of 120")
 
@@ -290,7 +304,7 @@ def test_text_encode_with_a_stock_style_clip(env):
     out = env.n.PixArtSuiteT5TextEncode.execute(clip, " ".join(["red apple"] * 80), "α: 120 tokens")
     seq = clip.seen["t5xxl"][0]
     assert len(seq) == 120 and seq[-1][0] == 1  # cut to 120 with EOS kept
-    assert "attention_mask" not in out[0][0][1] and "cut off" in out.ui.as_dict()["text"][0]
+    assert env.n.text_encoder.OUTPUTS_KEY not in out[0][0][1] and "cut off" in out.ui.as_dict()["text"][0]
 
     class NotT5(StockLike):
         def tokenize(self, text, **kw):
@@ -319,12 +333,11 @@ def reference_sample(env, sampler, seed, steps, cfg, grid, uncond_mask, eta=None
     noise = comfy.sample.prepare_noise(latent, seed)
     sigmas = core.schedule.make_sigmas(grid, steps)
     x = noise * math.sqrt(1.0 + float(sigmas[0]) ** 2)  # ComfyUI's full-denoise start (VP prior)
-    (pos, pd), = env.pos
-    (neg, nd), = env.neg
+    pos, neg = t5_outputs(env.pos), t5_outputs(env.neg)
     denoiser = core.samplers.PixArtDenoiser(env.core)
 
     def model(x, sigma):
-        return denoiser(x, sigma, pos, pd["attention_mask"], neg, uncond_mask, cfg_scale=cfg)
+        return denoiser(x, sigma, pos, mask_of(env.pos), neg, uncond_mask, cfg_scale=cfg)
 
     kwargs = {}
     if sampler in ("sa_solver", "ddim"):
@@ -341,7 +354,7 @@ def reference_sample(env, sampler, seed, steps, cfg, grid, uncond_mask, eta=None
                                           ("euler", "karras"), ("ddim", "trailing")])
 def test_sampler_equals_pixart_core(env, sampler, grid):
     got = run_sampler(env, seed=7, steps=4, cfg=4.5, sampler=sampler, grid=grid)
-    want = reference_sample(env, sampler, 7, 4, 4.5, grid, env.pos[0][1]["attention_mask"])
+    want = reference_sample(env, sampler, 7, 4, 4.5, grid, mask_of(env.pos))
     assert torch.isfinite(got).all()
     assert pf.rel_err(got, want) < 1e-5
 
@@ -353,7 +366,7 @@ def test_sampler_is_deterministic_and_null_mask_matters(env):
     assert not torch.allclose(a, run_sampler(env, seed=4))
     own = run_sampler(env, seed=3, null=nodes.NULL_OWN)
     assert pf.rel_err(own, a) > 1e-4
-    want_own = reference_sample(env, "dpmpp_2m", 3, 3, 4.5, "dpm_time_uniform", env.neg[0][1]["attention_mask"])
+    want_own = reference_sample(env, "dpmpp_2m", 3, 3, 4.5, "dpm_time_uniform", mask_of(env.neg))
     assert pf.rel_err(own, want_own) < 1e-5
 
 
@@ -416,7 +429,7 @@ def test_sampler_select_and_step_grid_through_sample_custom(env):
     assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
     sa = n.PixArtSuiteSamplerSelect.execute("sa_solver", 0.5)[0]
     got = comfy.sample.sample_custom(env.model, noise, 4.5, sa, sigmas, env.pos, env.neg, latent, seed=11)
-    want = reference_sample(env, "sa_solver", 11, 3, 4.5, "dpm_time_uniform", env.neg[0][1]["attention_mask"], eta=0.5)
+    want = reference_sample(env, "sa_solver", 11, 3, 4.5, "dpm_time_uniform", mask_of(env.neg), eta=0.5)
     assert pf.rel_err(got, want) < 1e-5
 
 
@@ -537,14 +550,13 @@ def test_stock_lora_loading_patches_our_model(env):
 
 
 def test_stock_conditioning_nodes_keep_our_mask(env):
-    """ConditioningCombine / SetTimestepRange chains carry our attention_mask through to sampling."""
+    """ConditioningCombine / SetTimestepRange chains carry our mask (in the tensor) through to sampling."""
     import nodes as comfy_nodes
     combined = comfy_nodes.ConditioningCombine().combine(env.pos, env.pos)[0]
-    assert len(combined) == 2 and all("attention_mask" in d for _, d in combined)
+    assert len(combined) == 2 and all(torch.equal(c, env.pos[0][0]) for c, _ in combined)
     early = comfy_nodes.ConditioningSetTimestepRange().set_range(env.pos, 0.0, 0.5)[0]
     late = comfy_nodes.ConditioningSetTimestepRange().set_range(env.pos, 0.5, 1.0)[0]
     split = early + late
-    assert all("attention_mask" in d for _, d in split)
     # the two halves of one prompt over the two halves of the schedule sample like the prompt itself
     assert torch.allclose(run_sampler(env, pos=split), run_sampler(env), atol=1e-5)
 
@@ -611,3 +623,80 @@ def test_queue_time_checks_pass_when_every_checked_input_is_linked(env):
             continue
         names = [p for p in inspect.signature(validate).parameters]
         assert validate(**{n: None for n in names}) is True, cls.__name__
+
+
+# -------------------------------------------------------------------------------------------------
+# stock-node interop in process (issue #15; the host runs the stock nodes: tests/e2e/test_stock_interop.py)
+# -------------------------------------------------------------------------------------------------
+
+def test_comfyuis_own_pixart_model_gets_only_the_attended_tokens(env):
+    """ComfyUI's own PixArt has no caption mask: the PixArt Sampler / CFG Guider hand it only the tokens
+    the mask keeps (the official null's too), so it attends as ours does; below 264 px it would divide by
+    zero, which the sampler says in one sentence."""
+    sampling = env.pack.nodes.sampling
+    patcher = native_pixart(env)
+    with pytest.raises(ValueError) as err:
+        run_sampler(env, model=patcher, latent=empty_latent(side=32))
+    assert one_sentence(err) == (
+        "ComfyUI's own PixArt model cannot sample 256x256: it derives its position embedding from the size and "
+        "divides by zero below (width + height) / 2 = 264 px; use a larger size, or load the model with "
+        "'Load PixArt-Σ Model', which samples any size")
+    guider = sampling.PixArtGuider(patcher)
+    guider.set_conds(env.pos, env.neg)
+    pos, neg = (guider.original_conds[k][0]["cross_attn"] for k in ("positive", "negative"))
+    assert pos.shape == neg.shape == (1, 8, 32)
+    assert torch.equal(neg, t5_outputs(env.neg)[:, :8])  # T5("") over the prompt's 8 tokens: the official null
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(1, 4, 64, 64, generator=g), torch.tensor([500.0])  # 512 px: the tiny model's own size
+    with torch.no_grad():
+        ours = env.model.model.diffusion_model(x, t, env.pos[0][0])
+        assert pf.rel_err(patcher.model.diffusion_model(x, t, pos), ours) < 1e-5
+        assert pf.rel_err(patcher.model.diffusion_model(x, t, env.pos[0][0]), ours) > 1e-3  # padding attended
+
+
+def test_tables_take_patches_when_comfyui_loads_the_model_partially(env):
+    """A patch on scale_shift_table (LoRA, merge) applies when ComfyUI loads the model in low-VRAM mode too
+    (the table is a cast layer: ComfyTable), exactly as when it loads it whole."""
+    key = "diffusion_model.blocks.0.scale_shift_table.weight"
+    patched = env.model.clone()
+    assert patched.add_patches({key: ("diff", (torch.full((6, 64), 0.25),))}, 1.0) == [key]
+    g = torch.Generator().manual_seed(4)
+    x, t, y = torch.randn(1, 4, 16, 16, generator=g), torch.tensor([300.0]), env.pos[0][0]
+    dm = patched.model.diffusion_model
+    with torch.no_grad():
+        plain = dm(x, t, y)
+        outs = []
+        for low_vram in (1, 0):
+            patched.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=low_vram)
+            try:
+                assert patched.model.model_lowvram == bool(low_vram)
+                outs.append(dm(x, t, y))
+            finally:
+                patched.unpatch_model(torch.device("cpu"))
+        assert torch.equal(dm(x, t, y), plain)  # unpatched again
+    assert pf.rel_err(outs[0], outs[1]) < 1e-6 and pf.rel_err(outs[1], plain) > 1e-3
+
+
+def test_saved_model_loads_in_comfyuis_loader_as_its_file_did(env, tmp_path):
+    """ModelSave writes the release's pos_embed: ComfyUI's Load Diffusion Model reads the grid and PE scale
+    from it, so the saved file gives the function its source file gave there, and ours reloads it exactly.
+    ComfyUI's detection takes only 1152-wide, 16-head, T5-XXL models: a one-block one."""
+    import comfy.sd
+    from comfy_extras.nodes_model_merging import save_checkpoint as model_save
+    from pixart_core import PRESETS
+    config = PRESETS["sigma-1024-ms"].replace(depth=1, kv_compress_layers=())
+    sd = {k: v.contiguous() for k, v in pf.random_model(config, seed=2).state_dict().items()}
+    sd["pos_embed"] = sincos_pos_embed(64, 64, 1152, config.base_size, config.pe_interpolation)[None]
+    source = tmp_path / "one_block.safetensors"
+    save_file(sd, str(source))
+    ours = env.pack.nodes.comfy_model.load_model(source)
+    model_save(ours, filename_prefix="saved", output_dir=str(tmp_path))
+    saved = tmp_path / "saved_00001_.safetensors"
+    g = torch.Generator().manual_seed(5)
+    # 320 px, off the model's 1024: ComfyUI's position embedding depends on the pe_interpolation it detected
+    x, t, y = torch.randn(1, 4, 40, 40, generator=g), torch.tensor([400.0]), torch.randn(1, 12, 4096, generator=g)
+    with torch.no_grad():
+        want = comfy.sd.load_diffusion_model(str(source)).model.diffusion_model(x, t, y)
+        assert torch.equal(comfy.sd.load_diffusion_model(str(saved)).model.diffusion_model(x, t, y), want)
+        mine = ours.model.diffusion_model(x, t, y)
+        assert torch.equal(env.pack.nodes.comfy_model.load_model(saved).model.diffusion_model(x, t, y), mine)

@@ -274,7 +274,7 @@ def test_bad_settings_are_one_sentence(change, message):
 def test_caption_dropout_needs_the_null_caption():
     model = fresh()
     with torch.no_grad():
-        model.y_embedder.y_embedding.zero_()
+        model.y_embedder.y_embedding.weight.zero_()
     with pytest.raises(ValueError, match="null caption"):
         tr.training_step(model, tr.stack(samples(2)), torch.Generator().manual_seed(0), caption_dropout=0.99)
 

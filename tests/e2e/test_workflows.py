@@ -43,6 +43,7 @@ PACK_NODES = (
     "PixArtSuiteModelLoader", "PixArtSuiteT5Loader", "PixArtSuiteT5TextEncode", "PixArtSuiteSampler",
     "PixArtSuiteSamplerSelect", "PixArtSuiteSigmas", "PixArtSuiteResolution", "PixArtSuiteResizeCrop",
     "PixArtSuiteKVCompression", "PixArtSuiteControlNetLoader", "PixArtSuiteLoraLoader", "PixArtSuiteValidationLoss",
+    "PixArtSuiteCFGGuider",
 )
 RELEASED_NAMES = set(fx.RELEASED) | set(cfx.RELEASED)  # PixArt 1024/2K .pth, t5xxl_fp16, sdxl_vae; ControlNets, ESRGAN
 MODEL_INPUTS = ("ckpt_name", "t5_name", "vae_name", "unet_name", "clip_name", "control_net_name", "model_name")
@@ -103,7 +104,8 @@ CASES = {
     "sampler_custom_advanced": Case(
         size=(1024, 1024), bin=(1024, 1024),
         shipped={"PixArtSuiteSamplerSelect": {"sampler_name": "sa_solver"},
-                 "PixArtSuiteSigmas": {"step_grid": "dpm_time_uniform", "steps": 20}}),
+                 "PixArtSuiteSigmas": {"step_grid": "dpm_time_uniform", "steps": 20},
+                 "PixArtSuiteCFGGuider": {"cfg": 4.5, "null_mask": "prompt's mask (official Σ)"}}),
     "ksampler_stock": Case(
         size=(1024, 1024), bin=None,
         shipped={"KSampler": {"steps": 20, "cfg": 4.5}, "EmptyLatentImage": {"width": 1024, "height": 1024}}),
