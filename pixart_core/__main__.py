@@ -88,7 +88,8 @@ def _generate(args):
     encoder.release()
     result = generate(model, prompt, negative, height=args.height, width=args.width, steps=args.steps,
                       guidance=args.guidance, sampler=args.sampler, grid=args.grid, seed=args.seed,
-                      batch=args.batch, null_mode=args.null_mode, binning=not args.no_binning, progress_bar=True)
+                      batch=args.batch, null_mode=args.null_mode, binning=not args.no_binning, progress_bar=True,
+                      official_end=args.official_end, aspect_condition=args.aspect_condition)
     out = save_latents(out, result)
     print(f"wrote {out}: {result.width}x{result.height} px latents (requested "
           f"{result.requested[1]}x{result.requested[0]}), seed {result.seed}")
@@ -132,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .model import layer_list_syntax
     from .samplers import SAMPLERS
     from .schedule import MAX_STEPS, STEP_GRIDS
-    from .pipeline import MAX_BATCH, MAX_GUIDANCE, MAX_REQUESTED_SIDE, NULL_MODES
+    from .pipeline import ASPECT_CONDITIONS, MAX_BATCH, MAX_GUIDANCE, MAX_REQUESTED_SIDE, NULL_MODES
     from .t5 import MAX_TOKENS
     parser = _Parser(prog="python -m pixart_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -193,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default="dpmpp_2m", choices=list(SAMPLERS))
     p.add_argument("--grid", default="dpm_time_uniform", choices=list(STEP_GRIDS))
     p.add_argument("--null-mode", default="prompt_mask", choices=list(NULL_MODES))
+    p.add_argument("--official-end", action="store_true",
+                   help="stop at t = 1e-3 and return the VP-scaled sample, as the official solvers (dpm_time_uniform grid)")
+    p.add_argument("--aspect-condition", default="bin_key", choices=list(ASPECT_CONDITIONS),
+                   help="PixArt-α 1024 micro-condition: the bin's ratio key (official) or height/width (diffusers)")
     p.add_argument("--seed", type=argument(whole_number, 0, SEED_MAX), default=0, help="0 to 2**64-1")
     p.add_argument("--batch", type=argument(whole_number, 1, MAX_BATCH), default=1)
     p.add_argument("--kv-layers", default=None, type=cli_type(layer_list_syntax), help='KV compression layers, e.g. "14-27" or "all"')

@@ -92,15 +92,18 @@ def get_table(resolution: int, table: str = "full") -> dict:
     return tables[resolution]
 
 
-def nearest_bin(height: int, width: int, resolution: int, table: str = "full") -> tuple[int, int]:
-    """(bin_h, bin_w) whose ratio key is closest to height/width (diffusers' classify_height_width_bin)."""
+def nearest_bin_key(height: float, width: float, resolution: int, table: str = "full") -> str:
+    """The ratio key (e.g. "0.57") of the bin closest to height/width (diffusers' classify_height_width_bin)."""
     if checks.real_number("height", height) <= 0 or checks.real_number("width", width) <= 0:
         raise InputError(f"height and width must be positive, got {height}x{width}")
-    bins = get_table(resolution, table)
     ar = float(height / width)
     # min() keeps the first of equal candidates, which is diffusers' tie rule (dict order).
-    key = min(bins, key=lambda k: abs(float(k) - ar))
-    return bins[key]
+    return min(get_table(resolution, table), key=lambda k: abs(float(k) - ar))
+
+
+def nearest_bin(height: int, width: int, resolution: int, table: str = "full") -> tuple[int, int]:
+    """(bin_h, bin_w) whose ratio key is closest to height/width."""
+    return get_table(resolution, table)[nearest_bin_key(height, width, resolution, table)]
 
 
 def resize_and_center_crop(images: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bins import nearest_bin_key
 from .checks import InputError
 from .config import KV_COMPRESS_MODES, PixArtConfig
 from .ops import CastOps, gemm_dtype, linear_params, load_tables_by_official_names
@@ -612,7 +613,7 @@ class PixArt(nn.Module):
         timesteps: (B,) float, 0..999 scale (non-integer allowed).
         context: (B, L, C) or (B, 1, L, C) caption embeddings; context_mask: (B, L), 1 = valid, or None:
             caption_mask(context) (exactly-zero rows are padding).
-        c_size: (B, 2) image height, width in px; c_ar: (B, 1) aspect ratio (α-1024 micro-conditioning).
+        c_size: (B, 2) image height, width in px; c_ar: (B, 1) aspect ratio (α-1024 micro-conditioning; default: the nearest bin's key, as official inference).
         kv_compress: per-call override of the configured KV compression.
         controls: ControlNets to apply (controlnet.ControlInput: net, hint latent, strength); they add up.
         block_replace: {block index: BlockReplace} run instead of those blocks (see run_blocks).
@@ -636,8 +637,8 @@ class PixArt(nn.Module):
         if cfg.micro_condition:
             if c_size is None:
                 c_size = torch.tensor([[H * 8.0, W * 8.0]], device=x.device)
-            if c_ar is None:
-                c_ar = torch.tensor([[H / W]], device=x.device)
+            if c_ar is None:  # official inference conditions on the bin's ratio key (0.57), not on H/W (0.5714)
+                c_ar = torch.tensor([[float(nearest_bin_key(H, W, cfg.resolution))]], device=x.device)
             t = t + torch.cat([self.csize_embedder(c_size.to(x.device), B, dtype),
                                self.ar_embedder(c_ar.to(x.device), B, dtype)], dim=1)  # (B, D)
         t0 = self.t_block(t)  # (B, 6D)

@@ -23,6 +23,7 @@ LATENT_SCALE = {"sigma": 0.13025, "alpha": 0.18215}  # SDXL VAE, sd-vae-ft-ema (
 NULL_MODES = ("prompt_mask", "own_mask", "y_embedding")
 MAX_BATCH = 4096  # as ComfyUI's empty-latent nodes
 MAX_GUIDANCE = 100.0
+ASPECT_CONDITIONS = ("bin_key", "height_width")  # α micro-condition: official inference, diffusers
 MAX_REQUESTED_SIDE = 16384  # ComfyUI's MAX_RESOLUTION; with binning any requested size maps to a bin
 
 
@@ -94,13 +95,21 @@ def initial_noise(seed: int, batch: int, channels: int, height: int, width: int)
     return torch.randn(batch, channels, height // 8, width // 8, generator=g, dtype=torch.float32)
 
 
+
 @torch.no_grad()
 def generate(model: PixArt, prompt: Conditioning, negative: Conditioning, *, height=None, width=None, steps=20,
              guidance=4.5, sampler="dpmpp_2m", grid="dpm_time_uniform", seed=0, batch=1, null_mode="prompt_mask",
              binning=True, denoise=1.0, init_latents=None, callback: Callable[[int, int], None] | None = None,
-             should_stop: Callable[[], bool] | None = None, progress_bar=False) -> Generated:
+             should_stop: Callable[[], bool] | None = None, progress_bar=False, official_end=False,
+             aspect_condition="bin_key") -> Generated:
     """Sample latents for encoded prompts. Sizes are snapped to the model's aspect-ratio bins unless
-    binning=False; init_latents (VAE space) with denoise<1 is img2img."""
+    binning=False; init_latents (VAE space) with denoise<1 is img2img.
+
+    official_end=True stops at t = 1e-3 and returns the VP-scaled sample there, as the official
+    DPM-Solver and SA-Solver do (dpm_time_uniform grid only); the default lands on the x0 estimate.
+    aspect_condition (PixArt-α 1024 micro-conditions): "bin_key" passes the bin's ratio key as official
+    inference does, "height_width" passes height/width as diffusers does.
+    """
     cfg = model.config
     height = cfg.resolution if height is None else height
     width = cfg.resolution if width is None else width
@@ -116,12 +125,21 @@ def generate(model: PixArt, prompt: Conditioning, negative: Conditioning, *, hei
         gen_h, gen_w = bins.check_size(height, width)
     if sampler not in SAMPLERS:
         raise InputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if aspect_condition not in ASPECT_CONDITIONS:
+        raise InputError(f"unknown aspect_condition {aspect_condition!r}; choose one of {', '.join(ASPECT_CONDITIONS)}")
+    if official_end and (grid != "dpm_time_uniform" or denoise < 1.0):
+        raise InputError("official_end needs the official grid (grid='dpm_time_uniform') and denoise 1, "
+                         f"got grid={grid!r}, denoise={denoise:g}")
     if prompt.embeds.shape[-1] != cfg.caption_channels:
         raise InputError(f"the prompt embeddings are {prompt.embeds.shape[-1]} wide but the model expects "
                          f"{cfg.caption_channels}: use the T5 encoder that matches the model")
     device = next(model.parameters()).device
     check_sampling_fits(batch, gen_h // 8, gen_w // 8, device, cfg.hidden_size, cfg.patch_size)
-    sigmas = schedule.make_sigmas(grid, steps, denoise).to(device)
+    if official_end:
+        sigmas = schedule.sigmas_dpm_time_uniform(checks.whole_number("steps", steps, 1, schedule.MAX_STEPS),
+                                                  keep_sigma_min=True).to(device)
+    else:
+        sigmas = schedule.make_sigmas(grid, steps, denoise).to(device)
     noise = initial_noise(seed, batch, cfg.in_channels, gen_h, gen_w).to(device)
     if init_latents is not None:
         x0 = (init_latents.float() * LATENT_SCALE[cfg.family]).to(device)
@@ -133,7 +151,8 @@ def generate(model: PixArt, prompt: Conditioning, negative: Conditioning, *, hei
 
     uncond = null_conditioning(null_mode, prompt, negative, model)
     c_size = torch.tensor([[float(gen_h), float(gen_w)]], device=device)
-    c_ar = torch.tensor([[gen_h / gen_w]], device=device)
+    ratio = gen_h / gen_w if aspect_condition == "height_width" else float(bins.nearest_bin_key(gen_h, gen_w, cfg.resolution))
+    c_ar = torch.tensor([[ratio]], device=device)
     extra = dict(context=prompt.embeds.to(device), context_mask=prompt.mask.to(device),
                  uncond_context=uncond.embeds.to(device), uncond_mask=uncond.mask.to(device),
                  cfg_scale=guidance, c_size=c_size, c_ar=c_ar)
@@ -150,6 +169,8 @@ def generate(model: PixArt, prompt: Conditioning, negative: Conditioning, *, hei
         kwargs["generator"] = torch.Generator("cpu").manual_seed((seed + 1) % 2 ** 64)
     out = SAMPLERS[sampler](PixArtDenoiser(model), x, sigmas, extra_args=extra, callback=on_step,
                             disable=not progress_bar, **kwargs)
+    if official_end:
+        out = schedule.vp_scaled(out, sigmas[-1])
     return Generated(out.float().cpu() / LATENT_SCALE[cfg.family], gen_h, gen_w, (height, width), seed, cfg.family)
 
 

@@ -3,11 +3,12 @@
 Sigmas are in the k-diffusion VE parameterisation, x = x0 + σ·ε, with σ = sqrt((1 - ᾱ) / ᾱ); the
 network sees x / sqrt(1 + σ²) and a timestep in the 0..999 training scale (../shared/pixart_spec.md §6).
 Every step grid returns float32 sigmas, high to low, ending in 0 (the one opt-out is
-sigmas_dpm_time_uniform(..., keep_sigma_min=True), which reproduces the official end point).
+sigmas_dpm_time_uniform(..., keep_sigma_min=True), the official end point t = 1e-3).
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import torch
@@ -86,8 +87,10 @@ def sigmas_dpm_time_uniform(steps: int, keep_sigma_min: bool = False) -> torch.T
     (σ ≈ 0.0100) without denoising, so its output still holds σ_min·ε̂ of noise. By default that
     last point is replaced by σ = 0: the same model calls at the same timesteps, and the final
     first-order step lands on the x0 estimate instead (official x = ours + σ_min·ε̂_last).
-    keep_sigma_min=True keeps σ(1e-3) as the last sigma with NO trailing zero, which reproduces the
-    official output exactly; it is the one grid here that does not end in 0.
+    keep_sigma_min=True keeps σ(1e-3) as the last sigma with NO trailing zero: the samplers then end on
+    the official solver's last state, x = x0 + σ_min·ε̂ in VE scale, while the official solver returns
+    that state VP-scaled, x / √(1 + σ_min²) (vp_scaled; generate(official_end=True) applies it). It is
+    the one grid here that does not end in 0.
     """
     if steps < 1:
         raise InputError(f"steps must be >= 1, got {steps}")
@@ -96,6 +99,11 @@ def sigmas_dpm_time_uniform(steps: int, keep_sigma_min: bool = False) -> torch.T
     if keep_sigma_min:
         return sigmas.float()
     return _append_zero(sigmas[:-1]).float()
+
+
+def vp_scaled(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """A VE-scale sample at σ in the VP scale the official solvers return: x / √(1 + σ²)."""
+    return x / math.sqrt(1.0 + float(sigma) ** 2)
 
 
 def diffusers_timesteps(steps: int, spacing: str = "linspace") -> np.ndarray:

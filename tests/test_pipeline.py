@@ -111,3 +111,56 @@ def test_command_line(model, t5_dir, tmp_path, capsys):
 @pytest.mark.parametrize("command", ["inspect", "convert", "lora", "encode", "generate", "train-lora", "download"])
 def test_every_subcommand_has_help(command, capsys):
     assert main([command, "--help"]) == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_official_end_returns_the_vp_sample_at_t_1e3(model, encoder, monkeypatch):
+    """official_end=True: the sampler runs to σ_min (no trailing 0) and the VE state there comes back
+    VP-scaled, x / √(1 + σ_min²), which is what the official DPM-Solver returns."""
+    from pixart_core import pipeline, schedule
+    seen = {}
+
+    def fake_sampler(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        seen["sigmas"] = sigmas
+        return torch.ones_like(x)
+
+    monkeypatch.setitem(pipeline.SAMPLERS, "dpmpp_2m", fake_sampler)
+    p, n = cond(encoder, "a lighthouse"), cond(encoder, "")
+    out = generate(model, p, n, steps=5, official_end=True)
+    assert torch.equal(seen["sigmas"], schedule.sigmas_dpm_time_uniform(5, keep_sigma_min=True))
+    s_min = schedule.sigma_min()
+    want = 1.0 / (1.0 + s_min ** 2) ** 0.5 / pipeline.LATENT_SCALE["sigma"]
+    assert torch.allclose(out.latents, torch.full_like(out.latents, want), rtol=1e-6)
+    plain = generate(model, p, n, steps=5)
+    assert seen["sigmas"][-1] == 0  # the default grid ends on the x0 estimate
+    assert torch.allclose(plain.latents, torch.full_like(plain.latents, 1.0 / pipeline.LATENT_SCALE["sigma"]))
+    with pytest.raises(ValueError, match="official_end needs the official grid"):
+        generate(model, p, n, steps=5, official_end=True, grid="karras")
+
+
+def test_alpha_micro_condition_official_bin_key_or_diffusers_ratio(encoder, monkeypatch):
+    """PixArt-α 1024: official inference passes the bin's key (0.57) as the aspect-ratio condition,
+    diffusers passes height/width (768/1344 = 0.5714); both available, the official one by default,
+    also for a bare model call (ComfyUI's KSampler path)."""
+    from pixart_core import pipeline
+    alpha = random_model(tiny(model_max_length=300, micro_condition=True, hidden_size=96, resolution=1024, sample_size=128,
+                              pe_interpolation=2.0)).eval()
+    seen = []
+
+    def fake_sampler(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        seen.append(float(extra_args["c_ar"]))
+        return x
+
+    monkeypatch.setitem(pipeline.SAMPLERS, "dpmpp_2m", fake_sampler)
+    p, n = cond(encoder, "a lighthouse"), cond(encoder, "")
+    generate(alpha, p, n, height=768, width=1344, steps=1)
+    generate(alpha, p, n, height=768, width=1344, steps=1, aspect_condition="height_width")
+    assert seen == [pytest.approx(0.57), pytest.approx(768 / 1344)]
+    with pytest.raises(ValueError, match="unknown aspect_condition 'square'"):
+        generate(alpha, p, n, steps=1, aspect_condition="square")
+
+    x, t = torch.randn(1, 4, 96, 168), torch.tensor([500.0])
+    with torch.no_grad():
+        default = alpha(x, t, p.embeds, p.mask)
+        key = alpha(x, t, p.embeds, p.mask, c_ar=torch.tensor([[0.57]]))
+        ratio = alpha(x, t, p.embeds, p.mask, c_ar=torch.tensor([[96 / 168]]))
+    assert torch.equal(default, key) and not torch.equal(default, ratio)

@@ -577,3 +577,16 @@ def test_denoiser_with_the_real_model():
                           extra_args={"context": cond, "context_mask": cond_mask, "uncond_context": uncond,
                                       "cfg_scale": 4.5})
     assert y.shape == x.shape and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("steps", [10, 20])
+def test_vp_scaled_end_point_equals_the_official_solver_output(steps):
+    """keep_sigma_min ends on the official last state in VE scale; vp_scaled turns it into exactly what
+    the official solver returns (they differ by √(1 + σ_min²) ≈ 1 + 5e-5 before)."""
+    x_vp = noise(1, dtype=torch.float64)
+    ref, _, alpha = official_dpmpp_2m(StubEps(), x_vp, steps)
+    sig = S.sigmas_dpm_time_uniform(steps, keep_sigma_min=True)
+    out = P.sample_dpmpp_2m(PixArtDenoiser(StubEps()), x_vp / alpha[0], sig, extra_args={"context": CONTEXT},
+                            disable=True)
+    assert rel(S.vp_scaled(out, sig[-1]), ref) < 1e-6
+    assert rel(out, ref) > 2e-5
