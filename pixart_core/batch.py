@@ -10,7 +10,12 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .checks import InputError, real_number, whole_number, SEED_MAX
+from .checks import SEED_MAX, InputError, real_number, whole_number
+from .config import PRESETS
+from .model import layer_list_syntax
+from .pipeline import MAX_GUIDANCE, MAX_REQUESTED_SIDE
+from .samplers import SAMPLERS
+from .schedule import MAX_STEPS
 
 FIELDS = {"prompt": "", "negative": "", "seed": 0, "width": None, "height": None, "steps": 20,
           "sampler": "dpmpp_2m", "guidance": 4.5, "preset": None, "kv_layers": None}
@@ -45,11 +50,19 @@ def parse_request(obj) -> Request:
     if not isinstance(v["prompt"], str) or not isinstance(v["negative"], str):
         raise InputError("prompt and negative must be text")
     v["seed"] = whole_number("seed", v["seed"], 0, SEED_MAX)
-    v["steps"] = whole_number("steps", v["steps"], 1, 1000)
-    v["guidance"] = real_number("guidance", v["guidance"], 0.0, 100.0)
+    v["steps"] = whole_number("steps", v["steps"], 1, MAX_STEPS)
+    v["guidance"] = real_number("guidance", v["guidance"], 0.0, MAX_GUIDANCE)
     for side in ("width", "height"):
         if v[side] is not None:
-            v[side] = whole_number(side, v[side], 8, 16384)
+            v[side] = whole_number(side, v[side], 1, MAX_REQUESTED_SIDE)
+    if v["sampler"] not in SAMPLERS:
+        raise InputError(f"unknown sampler {v['sampler']!r}; choose one of {', '.join(SAMPLERS)}")
+    if v["preset"] is not None and v["preset"] not in PRESETS:
+        raise InputError(f"unknown preset {v['preset']!r}; choose one of {', '.join(PRESETS)}")
+    if v["kv_layers"] is not None:
+        if not isinstance(v["kv_layers"], str):
+            raise InputError('kv_layers must be text such as "14-27" or "all"')
+        layer_list_syntax(v["kv_layers"])
     return Request(**v)
 
 

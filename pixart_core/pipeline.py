@@ -95,7 +95,6 @@ def initial_noise(seed: int, batch: int, channels: int, height: int, width: int)
     return torch.randn(batch, channels, height // 8, width // 8, generator=g, dtype=torch.float32)
 
 
-
 @torch.no_grad()
 def generate(model: PixArt, prompt: Conditioning, negative: Conditioning, *, height=None, width=None, steps=20,
              guidance=4.5, sampler="dpmpp_2m", grid="dpm_time_uniform", seed=0, batch=1, null_mode="prompt_mask",
@@ -151,8 +150,8 @@ def generate(model: PixArt, prompt: Conditioning, negative: Conditioning, *, hei
 
     uncond = null_conditioning(null_mode, prompt, negative, model)
     c_size = torch.tensor([[float(gen_h), float(gen_w)]], device=device)
-    ratio = gen_h / gen_w if aspect_condition == "height_width" else float(bins.nearest_bin_key(gen_h, gen_w, cfg.resolution))
-    c_ar = torch.tensor([[ratio]], device=device)
+    # None: the model's own default, the bin's ratio key (official inference)
+    c_ar = torch.tensor([[gen_h / gen_w]], device=device) if aspect_condition == "height_width" else None
     extra = dict(context=prompt.embeds.to(device), context_mask=prompt.mask.to(device),
                  uncond_context=uncond.embeds.to(device), uncond_mask=uncond.mask.to(device),
                  cfg_scale=guidance, c_size=c_size, c_ar=c_ar)
