@@ -1,4 +1,4 @@
-"""Command line: `python -m pixart_core {inspect,convert,lora,encode,generate,train-lora,download} --help`."""
+"""Command line: `python -m pixart_core {inspect,convert,lora,encode,generate,batch,train-lora,download} --help`."""
 from __future__ import annotations
 
 import argparse
@@ -93,6 +93,30 @@ def _generate(args):
     out = save_latents(out, result)
     print(f"wrote {out}: {result.width}x{result.height} px latents (requested "
           f"{result.requested[1]}x{result.requested[0]}), seed {result.seed}")
+
+
+def _batch(args):
+    from .batch import Settings, run_local
+    settings = Settings(model=args.model, t5=args.t5, tokenizer=args.tokenizer, vae=args.vae, preset=args.preset,
+                        dtype=args.dtype, compute_dtype=args.compute_dtype, t5_dtype=args.t5_dtype,
+                        device=args.device, batch_size=args.batch_size, t5_batch=args.t5_batch,
+                        null_mode=args.null_mode, grid=args.grid)
+    for option, path in (("--model", args.model), ("--t5", args.t5)):
+        if not Path(path).expanduser().exists():  # before any work, not after
+            raise InputError(f"{option} {path}: no such file or folder")
+    if args.ray is None:
+        summary = run_local(args.jobs, args.out, settings, progress=True)
+    else:
+        try:
+            from .batch_ray import run_ray
+        except ImportError as e:
+            if getattr(e, "name", "") and e.name.split(".")[0] == "ray":
+                raise InputError('--ray needs Ray Data, which is not installed: pip install "ray[data]"') from None
+            raise
+        summary = run_ray(args.jobs, args.out, settings, address=args.ray, actors=args.actors,
+                          num_gpus=args.num_gpus, t5_memory=args.t5_memory)
+    print(summary.line())
+    return 1 if summary.failed else 0
 
 
 def _download(args):
@@ -208,6 +232,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="output .latent file")
     p.set_defaults(run=_generate)
 
+    p = sub.add_parser("batch", help="generate every request of a JOBS.jsonl file into a folder (locally, or on "
+                                     "a Ray cluster with --ray); a rerun skips finished outputs")
+    p.add_argument("jobs", help='one JSON object a line: {"prompt": ..., "negative", "seed", "width", "height", '
+                                '"steps", "sampler", "guidance", "preset", "kv_layers"} (absent: the defaults)')
+    p.add_argument("--out", required=True, help="output folder: <request hash>.png or .latent, manifest.jsonl")
+    p.add_argument("--model", required=True, help="PixArt checkpoint (.pth, .safetensors, diffusers folder)")
+    t5_args(p)
+    p.add_argument("--vae", default=None, help="diffusers AutoencoderKL folder (SDXL VAE for Σ) to write PNGs; "
+                                               "needs diffusers. Without it: .latent files")
+    p.add_argument("--preset", default="auto", choices=["auto", *PRESETS], help="for requests that name none")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="weight storage dtype (default: the file's)")
+    p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--batch-size", type=argument(whole_number, 1, MAX_BATCH), default=4,
+                   help="requests sampled together (same model, bin and settings)")
+    p.add_argument("--t5-batch", type=argument(whole_number, 1, MAX_BATCH), default=32, help="prompts per T5 call")
+    p.add_argument("--null-mode", default="prompt_mask", choices=list(NULL_MODES))
+    p.add_argument("--grid", default="dpm_time_uniform", choices=list(STEP_GRIDS))
+    p.add_argument("--ray", default=None, metavar="ADDRESS|auto",
+                   help="run on a Ray cluster (ray start --head; then auto or its address); needs ray[data]")
+    p.add_argument("--actors", type=argument(whole_number, 1, 4096), default=1, help="--ray: sampling actors")
+    p.add_argument("--num-gpus", type=argument(real_number, 0.0, 64.0), default=None,
+                   help="--ray: GPUs per sampling actor (default 1 with --device cuda, else 0)")
+    p.add_argument("--t5-memory", type=argument(real_number, 0.0, 4096.0), default=None,
+                   help="--ray: GiB of memory to reserve for each T5 worker (T5-XXL in bf16 needs about 10)")
+    p.set_defaults(run=_batch)
+
     p = sub.add_parser("download", help="download the released files a model set or workflow needs into a "
                                         "ComfyUI models folder (needs huggingface_hub)")
     p.add_argument("what", nargs="*", help="sets (sigma-1024, sigma-2k, sigma-512, alpha-1024, ...) or file names; "
@@ -233,14 +283,14 @@ def main(argv=None) -> int:
         return e.code
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        args.run(args)
+        code = args.run(args)
     except (ValueError, OSError) as e:  # our errors (InputError...) are one sentence a user can act on
         print(f"error: {e}", file=sys.stderr)
         return 2
     except DownloadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Batch jobs (issue #14), first increment: reading a JOBS.jsonl file into checked requests.
+"""Batch jobs (issue #14), many requests from a JOBS.jsonl file, in one process or on Ray (batch_ray).
 
 Each line is one JSON object; absent fields take the defaults below. A bad line is reported with its
 line number and skipped, never stopping the job. Each request has a stable hash that names its output,
@@ -9,6 +9,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import torch
 
 from .checks import SEED_MAX, InputError, real_number, whole_number
 from .config import PRESETS
@@ -66,16 +68,400 @@ def parse_request(obj) -> Request:
     return Request(**v)
 
 
-def read_jobs(path) -> tuple[list[Request], list[tuple[int, str]]]:
-    """(requests, [(line number, error sentence)]); blank lines are ignored."""
+# -------------------------------------------------------------------------------------------------
+# running a job: the stages below are shared by the local runner and pixart_core.batch_ray
+# -------------------------------------------------------------------------------------------------
+
+MANIFEST = "manifest.jsonl"
+JOB_FILE = "job.json"
+KV_RATIO, KV_MODE = 2, "avgpool"  # the generate command's defaults for kv_layers
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What applies to every request of a job (the command line). identity() is what decides the
+    outputs' bytes, kept in DIR/job.json: a rerun into the same folder must use the same."""
+    model: str
+    t5: str
+    tokenizer: str | None = None
+    vae: str | None = None
+    preset: str = "auto"
+    dtype: str | None = None
+    compute_dtype: str = "float32"
+    t5_dtype: str = "bf16"
+    device: str = "cpu"
+    batch_size: int = 4
+    t5_batch: int = 32
+    null_mode: str = "prompt_mask"
+    grid: str = "dpm_time_uniform"
+
+    @property
+    def output_kind(self) -> str:
+        """png when a VAE is given and diffusers can load it, else latent."""
+        from . import vae
+        return "png" if self.vae is not None and vae.available() else "latent"
+
+    def identity(self) -> dict:
+        def where(p):
+            return None if p is None else str(Path(p).expanduser().resolve())
+        return {"model": where(self.model), "t5": where(self.t5), "tokenizer": where(self.tokenizer),
+                "vae": where(self.vae) if self.output_kind == "png" else None, "preset": self.preset,
+                "dtype": self.dtype, "compute_dtype": self.compute_dtype, "t5_dtype": self.t5_dtype,
+                "null_mode": self.null_mode, "grid": self.grid, "output": self.output_kind}
+
+    def describe_output(self) -> str:
+        if self.output_kind == "png":
+            return f"decoding to PNG with the VAE {self.vae}"
+        if self.vae is not None:
+            return "writing .latent files: --vae needs diffusers, which is not installed (pip install diffusers)"
+        return "writing .latent files (give --vae with an SDXL VAE folder to decode PNGs)"
+
+
+@dataclass
+class Chunk:
+    """Requests sampled together: the same model preset, KV layers, bin and sampler settings."""
+    preset: str
+    kv_layers: str | None
+    bin: tuple[int, int]
+    length: int  # T5 tokens the model takes
+    keys: list[str]
+    requests: list[Request]
+
+    def group(self) -> tuple:
+        r = self.requests[0]
+        return self.preset, self.kv_layers, self.bin, r.steps, r.sampler, r.guidance
+
+
+@dataclass
+class Summary:
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    invalid: int = 0
+    seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        return (f"{self.done} done, {self.skipped} skipped (already there), {self.failed} failed, "
+                f"{self.invalid} bad lines; {self.images_per_s:.3g} images/s over {self.seconds:.1f} s")
+
+
+def output_name(key: str, kind: str) -> str:
+    return f"{key}.{kind}"
+
+
+def error_text(e: BaseException) -> str:
+    """Our errors are one sentence already; anything else keeps its type (the first line only)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return text if isinstance(e, (InputError, ValueError, OSError)) and text else f"{type(e).__name__}: {text}"
+
+
+class Manifest:
+    """DIR/manifest.jsonl: one JSON line per request, the last line of a key being its state. Lines are
+    appended (and flushed) as results come, so an interrupted job keeps what it finished; compact()
+    rewrites it atomically with one line per request."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / MANIFEST
+        self.entries: dict[str, dict] = {}
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                    self.entries[entry["key"]] = entry
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a line cut by a crash: that request is simply not finished
+
+    def record(self, entry: dict) -> None:
+        self.entries[entry["key"]] = entry
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry, sort_keys=True) + "\n")
+            fh.flush()
+
+    def compact(self) -> Path:
+        from .files import save_result
+        text = "".join(json.dumps(e, sort_keys=True) + "\n" for e in self.entries.values())
+        return save_result(self.path, lambda tmp: tmp.write_text(text, encoding="utf-8"), "manifest", rescue=False)
+
+
+def entry(key: str, request: Request, lines: list[int], status: str, file: str | None = None,
+          error: str | None = None) -> dict:
+    return {"key": key, "status": status, "file": file, "error": error, "lines": lines,
+            "prompt": request.prompt, "seed": request.seed}
+
+
+def open_output(folder, settings: Settings) -> Path:
+    """The output folder, created; a folder already holding another job's settings is refused (its file
+    names would no longer say what is in them)."""
+    from .files import prepare_output, read_json_object, save_result
+    folder = prepare_output(folder, inputs=[settings.model, settings.t5, settings.vae], folder_files=(JOB_FILE,),
+                            what="--out")
+    folder.mkdir(parents=True, exist_ok=True)
+    job, identity = folder / JOB_FILE, settings.identity()
+    if job.is_file():
+        before = read_json_object(job)
+        changed = sorted(k for k in set(before) | set(identity) if before.get(k) != identity.get(k))
+        if changed:
+            raise InputError(f"--out {folder} holds the outputs of a job with other settings "
+                             f"({', '.join(f'{k}: {before.get(k)} now {identity.get(k)}' for k in changed)}); "
+                             "use another --out folder, or the same settings to continue that job")
+    else:
+        text = json.dumps(identity, indent=2, sort_keys=True)
+        save_result(job, lambda tmp: tmp.write_text(text, encoding="utf-8"), "job settings", rescue=False)
+    return folder
+
+
+def model_config(settings: Settings, preset: str):
+    """The model's configuration for a preset ('auto': detected), without building the model."""
+    from .loading import config_from_preset, detect_config, read_checkpoint
+    raw = read_checkpoint(settings.model)
+    return detect_config(raw)[0] if preset == "auto" else config_from_preset(preset, raw)
+
+
+@dataclass
+class Plan:
+    chunks: list[Chunk]
+    lines: dict  # key -> the JSONL line numbers asking for it
+    requests: dict  # key -> Request
+    skipped: list[str]
+    failed: list[tuple[str, str]]  # (key, error) found while planning
+
+
+def make_plan(requests: list[Request], settings: Settings, folder: Path, line_numbers=None) -> Plan:
+    """Deduplicate, skip finished outputs, and group the rest into chunks of at most batch_size."""
+    from . import bins
+    kind = settings.output_kind
+    by_key, lines = {}, {}
+    for i, r in enumerate(requests):
+        k = r.key()
+        by_key.setdefault(k, r)
+        lines.setdefault(k, []).append(line_numbers[i] if line_numbers else i + 1)
+    skipped = [k for k in by_key if (folder / output_name(k, kind)).is_file()]
+    configs, failed, groups = {}, [], {}
+    for k, r in by_key.items():
+        if k in skipped:
+            continue
+        preset = r.preset or settings.preset
+        try:
+            if preset not in configs:
+                try:
+                    configs[preset] = model_config(settings, preset)
+                except Exception as e:  # noqa: BLE001 - this preset's requests fail, the others go on
+                    configs[preset] = e
+            cfg = configs[preset]
+            if isinstance(cfg, Exception):
+                raise cfg
+            if r.kv_layers is not None:
+                from .model import parse_layers
+                parse_layers(r.kv_layers, cfg.depth)
+            h = cfg.resolution if r.height is None else r.height
+            w = cfg.resolution if r.width is None else r.width
+            size = bins.nearest_bin(h, w, cfg.resolution)
+        except Exception as e:  # noqa: BLE001
+            failed.append((k, error_text(e)))
+            continue
+        group = (preset, r.kv_layers, size, r.steps, r.sampler, r.guidance)
+        groups.setdefault(group, (cfg.model_max_length, []))[1].append(k)
+    chunks = []
+    for (preset, kv, size, *_), (length, keys) in groups.items():
+        for i in range(0, len(keys), settings.batch_size):
+            part = keys[i:i + settings.batch_size]
+            chunks.append(Chunk(preset, kv, size, length, part, [by_key[k] for k in part]))
+    return Plan(chunks, lines, by_key, skipped, failed)
+
+
+def conditioning(chunk: Chunk, embeddings: dict):
+    """(prompt, negative) Conditioning of a chunk from {(text, length): (embeds, mask)}."""
+    from .pipeline import Conditioning
+
+    def stack(texts):
+        rows = [embeddings[(t, chunk.length)] for t in texts]
+        return Conditioning(torch.stack([e for e, _ in rows]), torch.stack([m for _, m in rows]))
+    return stack([r.prompt for r in chunk.requests]), stack([r.negative for r in chunk.requests])
+
+
+def encode_texts(encoder, texts, length: int, batch: int, embeddings: dict) -> dict:
+    """T5 embeddings (CPU, float32) of the texts not in `embeddings` yet, `batch` prompts per call."""
+    todo = [t for t in dict.fromkeys(texts) if (t, length) not in embeddings]
+    for i in range(0, len(todo), batch):
+        part = todo[i:i + batch]
+        embeds, mask = encoder.encode(part, max_length=length)
+        for text, e, m in zip(part, embeds.float().cpu(), mask.cpu()):
+            embeddings[(text, length)] = (e.clone(), m.clone())
+    return embeddings
+
+
+class Models:
+    """One PixArt model at a time, loaded for the chunk's preset; a preset that fails to load fails
+    its chunks with the same error without trying again."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.preset, self.model, self.errors = None, None, {}
+
+    def get(self, preset: str):
+        if preset in self.errors:
+            raise self.errors[preset]
+        if preset != self.preset:
+            from .loading import load_pixart
+            self.model = self.preset = None
+            try:
+                loaded = load_pixart(self.settings.model, preset=preset, dtype=self.settings.dtype,
+                                     device=self.settings.device,
+                                     compute_dtype=getattr(torch, self.settings.compute_dtype))
+            except Exception as e:  # noqa: BLE001
+                self.errors[preset] = e
+                raise
+            self.model, self.preset = loaded.model.eval(), preset
+            self.default_kv = self.model.kv_compress
+        return self.model
+
+
+def sample_chunk(models: Models, chunk: Chunk, prompt, negative) -> torch.Tensor:
+    """Latents (n, 4, h/8, w/8) of the chunk's n requests, in the VAE's space.
+
+    The model always sees batch_size requests (the last chunk of a group is padded with copies of its
+    last request): CPU and GPU matrix kernels are chosen by shape, so a fixed shape is what makes each
+    image the same bytes whoever its batch mates are, and equal to the same request sampled alone."""
+    from .model import KVCompress, parse_layers
+    from .pipeline import Conditioning, generate
+    model = models.get(chunk.preset)
+    model.kv_compress = (models.default_kv if chunk.kv_layers is None else
+                         KVCompress(parse_layers(chunk.kv_layers, model.config.depth), KV_RATIO, KV_MODE))
+    n, pad = len(chunk.requests), models.settings.batch_size - len(chunk.requests)
+
+    def padded(c):
+        return Conditioning(torch.cat([c.embeds, c.embeds[-1:].expand(pad, -1, -1)]),
+                            torch.cat([c.mask, c.mask[-1:].expand(pad, -1)])) if pad > 0 else c
+    seeds = [r.seed for r in chunk.requests] + [chunk.requests[-1].seed] * max(pad, 0)
+    r = chunk.requests[0]
+    result = generate(model, padded(prompt), padded(negative), height=chunk.bin[0], width=chunk.bin[1], steps=r.steps,
+                      guidance=r.guidance, sampler=r.sampler, grid=models.settings.grid, seeds=seeds,
+                      null_mode=models.settings.null_mode)
+    return result.latents[:n]
+
+
+def write_outputs(folder: Path, chunk: Chunk, latents: torch.Tensor, kind: str, config, vae=None
+                  ) -> list[tuple[str, str | None, str | None]]:
+    """Decode (png) or keep (latent) each request's latents and write its file atomically, named by its
+    key: [(key, file name or None, error or None)]. A write that fails fails that request only."""
+    from .pipeline import Generated, save_latents
+    out = []
+    for i, (key, r) in enumerate(zip(chunk.keys, chunk.requests)):
+        name = output_name(key, kind)
+        req = (config.resolution if r.height is None else r.height, config.resolution if r.width is None else r.width)
+        try:
+            if kind == "png":
+                from . import vae as vae_module
+                image = vae_module.decode(vae, latents[i:i + 1], *req)[0]
+                vae_module.save_png(folder / name, image, {"prompt": r.prompt, "seed": r.seed, "request": key})
+            else:
+                save_latents(folder / name, Generated(latents[i:i + 1].contiguous(), chunk.bin[0], chunk.bin[1],
+                                                      req, r.seed, config.family))
+            out.append((key, name, None))
+        except Exception as e:  # noqa: BLE001
+            out.append((key, None, error_text(e)))
+    return out
+
+
+def _progress(total: int, enabled: bool):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="img", desc="batch", disable=not enabled)
+
+
+def start_job(jobs, folder, settings: Settings, say=print):
+    """Read the jobs file, report its bad lines, open the output folder and plan the work.
+    Returns (folder, manifest, plan, summary so far)."""
+    requests, errors = read_jobs_numbered(jobs)
+    for _, message in errors:
+        say(message)
+    folder = open_output(folder, settings)
+    manifest = Manifest(folder)
+    plan = make_plan([r for _, r in requests], settings, folder, [n for n, _ in requests])
+    summary = Summary(skipped=len(plan.skipped), invalid=len(errors))
+    kind = settings.output_kind
+    for k in plan.skipped:  # the manifest says they are there even when it was lost
+        if manifest.entries.get(k, {}).get("status") != "done":
+            manifest.entries[k] = entry(k, plan.requests[k], plan.lines[k], "done", output_name(k, kind))
+    for k, message in plan.failed:
+        manifest.record(entry(k, plan.requests[k], plan.lines[k], "failed", error=message))
+    summary.failed = len(plan.failed)
+    return folder, manifest, plan, summary
+
+
+def record_results(manifest: Manifest, plan: Plan, results, summary: Summary) -> None:
+    for key, name, error in results:
+        status = "done" if error is None else "failed"
+        manifest.record(entry(key, plan.requests[key], plan.lines[key], status, name, error))
+        if error is None:
+            summary.done += 1
+        else:
+            summary.failed += 1
+
+
+def read_jobs_numbered(path) -> tuple[list[tuple[int, Request]], list[tuple[int, str]]]:
+    """As read_jobs, with each request's line number."""
     requests, errors = [], []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read the jobs file ({error_text(e)})") from None
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            requests.append(parse_request(json.loads(line)))
+            requests.append((number, parse_request(json.loads(line))))
         except json.JSONDecodeError as e:
             errors.append((number, f"{path} line {number}: not JSON ({e.msg})"))
         except InputError as e:
             errors.append((number, f"{path} line {number}: {e}"))
     return requests, errors
+
+
+def read_jobs(path) -> tuple[list[Request], list[tuple[int, str]]]:
+    """(requests, [(line number, error sentence)]); blank lines are ignored."""
+    numbered, errors = read_jobs_numbered(path)
+    return [r for _, r in numbered], errors
+
+
+def run_local(jobs, folder, settings: Settings, progress: bool = True, say=print) -> Summary:
+    """The whole job in this process: T5 for every prompt (in batches of t5_batch, then freed), then
+    the chunks sampled, decoded and written one after another."""
+    import time
+    from . import vae as vae_module
+    from .t5 import load_t5
+    start = time.perf_counter()
+    folder, manifest, plan, summary = start_job(jobs, folder, settings, say)
+    say(settings.describe_output())
+    if plan.chunks:
+        encoder = load_t5(settings.t5, dtype=settings.t5_dtype, device=settings.device,
+                          tokenizer_path=settings.tokenizer)
+        embeddings = {}
+        for length in sorted({c.length for c in plan.chunks}):
+            texts = [t for c in plan.chunks if c.length == length for r in c.requests for t in (r.prompt, r.negative)]
+            encode_texts(encoder, texts, length, settings.t5_batch, embeddings)
+        encoder.release()
+        del encoder
+        vae = (vae_module.load_vae(settings.vae, settings.device) if settings.output_kind == "png" else None)
+        models = Models(settings)
+        bar = _progress(sum(len(c.keys) for c in plan.chunks), progress)
+        for chunk in plan.chunks:
+            try:
+                latents = sample_chunk(models, chunk, *conditioning(chunk, embeddings))
+                results = write_outputs(folder, chunk, latents, settings.output_kind, models.model.config, vae)
+            except Exception as e:  # noqa: BLE001 - one failed chunk must not stop the job
+                results = [(k, None, error_text(e)) for k in chunk.keys]
+            record_results(manifest, plan, results, summary)
+            if bar is not None:
+                bar.update(len(chunk.keys))
+        if bar is not None:
+            bar.close()
+    manifest.compact()
+    summary.seconds = time.perf_counter() - start
+    return summary

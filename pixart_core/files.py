@@ -252,3 +252,27 @@ def save_result(path, write: Callable[[Path], None], what: str = "result", rescu
                          f"({_first_line(e)}); free some disk space and run again") from None
     raise InputError(f"could not write the {what} to {path} ({_first_line(first)}); it was saved to {copy} "
                      "instead")
+
+
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
+                       "int32": "I32", "uint8": "U8", "bool": "BOOL"}
+
+
+def safetensors_bytes(tensors: dict, metadata: dict | None = None) -> bytes:
+    """A .safetensors file's bytes, the same bytes for the same tensors every time: the safetensors
+    library writes its metadata in hash order, which differs from one process to the next, so files
+    that must be byte-identical (batch outputs) are serialised here with sorted keys."""
+    import torch
+    header, blobs, offset = {}, [], 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        dtype = _SAFETENSORS_DTYPES[str(t.dtype).replace("torch.", "")]
+        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""  # little-endian, as torch holds it
+        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the format's alignment padding
+    return len(text).to_bytes(8, "little") + text + b"".join(blobs)

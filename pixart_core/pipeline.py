@@ -17,7 +17,7 @@ from . import bins, checks, schedule
 from .checks import InputError
 from .files import save_result
 from .model import PixArt
-from .samplers import SAMPLERS, PixArtDenoiser
+from .samplers import SAMPLERS, PixArtDenoiser, per_row_noise_sampler
 
 LATENT_SCALE = {"sigma": 0.13025, "alpha": 0.18215}  # SDXL VAE, sd-vae-ft-ema (spec §5)
 NULL_MODES = ("prompt_mask", "own_mask", "y_embedding")
@@ -100,7 +100,7 @@ def generate(model: PixArt, prompt: Conditioning, negative: Conditioning, *, hei
              guidance=4.5, sampler="dpmpp_2m", grid="dpm_time_uniform", seed=0, batch=1, null_mode="prompt_mask",
              binning=True, denoise=1.0, init_latents=None, callback: Callable[[int, int], None] | None = None,
              should_stop: Callable[[], bool] | None = None, progress_bar=False, official_end=False,
-             aspect_condition="bin_key") -> Generated:
+             aspect_condition="bin_key", seeds=None) -> Generated:
     """Sample latents for encoded prompts. Sizes are snapped to the model's aspect-ratio bins unless
     binning=False; init_latents (VAE space) with denoise<1 is img2img.
 
@@ -108,10 +108,15 @@ def generate(model: PixArt, prompt: Conditioning, negative: Conditioning, *, hei
     DPM-Solver and SA-Solver do (dpm_time_uniform grid only); the default lands on the x0 estimate.
     aspect_condition (PixArt-α 1024 micro-conditions): "bin_key" passes the bin's ratio key as official
     inference does, "height_width" passes height/width as diffusers does.
+    seeds (a list, one per sample; replaces seed and batch) gives each sample its own noise generators,
+    so a sample is the same whatever else is in the batch (batch jobs: pixart_core.batch).
     """
     cfg = model.config
     height = cfg.resolution if height is None else height
     width = cfg.resolution if width is None else width
+    if seeds is not None:
+        seeds = [checks.whole_number("seed", s, 0, checks.SEED_MAX) for s in seeds]
+        batch, seed = checks.whole_number("number of seeds", len(seeds), 1, MAX_BATCH), seeds[0]
     seed = checks.whole_number("seed", seed, 0, checks.SEED_MAX)
     batch = checks.whole_number("batch", batch, 1, MAX_BATCH)
     guidance = checks.real_number("guidance", guidance, 0.0, MAX_GUIDANCE)
@@ -139,7 +144,10 @@ def generate(model: PixArt, prompt: Conditioning, negative: Conditioning, *, hei
                                                   keep_sigma_min=True).to(device)
     else:
         sigmas = schedule.make_sigmas(grid, steps, denoise).to(device)
-    noise = initial_noise(seed, batch, cfg.in_channels, gen_h, gen_w).to(device)
+    if seeds is None:
+        noise = initial_noise(seed, batch, cfg.in_channels, gen_h, gen_w).to(device)
+    else:
+        noise = torch.cat([initial_noise(s, 1, cfg.in_channels, gen_h, gen_w) for s in seeds]).to(device)
     if init_latents is not None:
         x0 = (init_latents.float() * LATENT_SCALE[cfg.family]).to(device)
         if x0.shape[-2:] != noise.shape[-2:]:
@@ -164,8 +172,11 @@ def generate(model: PixArt, prompt: Conditioning, negative: Conditioning, *, hei
             callback(info["i"] + 1, total)
 
     kwargs = {}
-    if sampler in ("sa_solver", "ddim"):
+    if sampler in ("sa_solver", "ddim") and seeds is None:
         kwargs["generator"] = torch.Generator("cpu").manual_seed((seed + 1) % 2 ** 64)
+    elif sampler in ("sa_solver", "ddim"):
+        kwargs["noise_sampler"] = per_row_noise_sampler(
+            x, [torch.Generator("cpu").manual_seed((s + 1) % 2 ** 64) for s in seeds])
     out = SAMPLERS[sampler](PixArtDenoiser(model), x, sigmas, extra_args=extra, callback=on_step,
                             disable=not progress_bar, **kwargs)
     if official_end:
@@ -174,11 +185,13 @@ def generate(model: PixArt, prompt: Conditioning, negative: Conditioning, *, hei
 
 
 def save_latents(path, generated: Generated) -> Path:
-    """A `.latent` file ComfyUI's Load Latent reads as-is (safetensors, `latent_tensor`), written atomically;
-    returns where it went (see files.save_result: never lost when the path cannot be written)."""
-    from safetensors.torch import save_file
+    """A `.latent` file ComfyUI's Load Latent reads as-is (safetensors, `latent_tensor`), written atomically
+    and byte-identical for the same latents; returns where it went (see files.save_result: never lost
+    when the path cannot be written)."""
+    from .files import safetensors_bytes
     tensors = {"latent_tensor": generated.latents.contiguous(), "latent_format_version_0": torch.tensor([])}
     meta = {"height": str(generated.height), "width": str(generated.width),
             "requested": f"{generated.requested[0]}x{generated.requested[1]}",
             "seed": str(generated.seed), "family": generated.family}
-    return save_result(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), "latents")
+    data = safetensors_bytes(tensors, meta)
+    return save_result(path, lambda tmp: tmp.write_bytes(data), "latents")

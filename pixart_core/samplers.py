@@ -28,6 +28,18 @@ def default_noise_sampler(x: torch.Tensor, generator: torch.Generator | None = N
     return sample
 
 
+def per_row_noise_sampler(x: torch.Tensor, generators):
+    """Noise shaped like x whose row i comes from generators[i] alone, so a sample's noise does not depend
+    on its batch mates (a batch of one draws exactly what default_noise_sampler draws)."""
+    if len(generators) != x.shape[0]:
+        raise ValueError(f"{len(generators)} generators for a batch of {x.shape[0]}")
+
+    def sample(sigma, sigma_next):
+        rows = [torch.randn((1, *x.shape[1:]), generator=g, device=g.device, dtype=x.dtype) for g in generators]
+        return torch.cat(rows).to(x.device)
+    return sample
+
+
 def _callback(callback, x, i, sigma, denoised):
     if callback is not None:
         callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
@@ -263,6 +275,6 @@ class PixArtDenoiser:
 
 
 __all__ = [
-    "PixArtDenoiser", "SAMPLERS", "default_noise_sampler", "sample_ddim", "sample_dpmpp_2m", "sample_euler",
+    "PixArtDenoiser", "SAMPLERS", "default_noise_sampler", "per_row_noise_sampler", "sample_ddim", "sample_dpmpp_2m", "sample_euler",
     "sample_sa_solver", "tau_window",
 ]

@@ -44,15 +44,9 @@ def _read_latent_file(path: Path) -> torch.Tensor:
 
 
 def _load_vae(path):
-    try:
-        from diffusers import AutoencoderKL
-    except ImportError:
-        raise ValueError("encoding images needs diffusers (pip install diffusers); or encode them in ComfyUI "
-                         "(VAE Encode -> Save Latent) and train on the .latent files") from None
-    try:
-        return AutoencoderKL.from_pretrained(str(path)).eval()
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"--vae {path}: not a diffusers AutoencoderKL folder ({str(e).splitlines()[0]})") from None
+    from .vae import load_vae
+    return load_vae(path, need="encoding images", instead="; or encode them in ComfyUI (VAE Encode -> Save Latent) "
+                    "and train on the .latent files")
 
 
 def _encode_image(vae, path: Path, resolution: int) -> torch.Tensor:
