@@ -294,6 +294,39 @@ def encode_texts(encoder, texts, length: int, batch: int, embeddings: dict) -> d
     return embeddings
 
 
+class EmbeddingCache:
+    """T5 embeddings for a list of chunks, computed t5_batch prompts at a time ahead of the chunk that
+    needs them and dropped once no later chunk does, so memory stays at about one T5 batch however
+    long the job (an embedding is 300 x 4096 floats) and a prompt used many times is encoded once."""
+
+    def __init__(self, encoder, chunks: list[Chunk], batch: int):
+        self.encoder, self.batch, self.embeddings = encoder, batch, {}
+        self.order = [(t, c.length) for c in chunks for r in c.requests for t in (r.prompt, r.negative)]
+        self.uses: dict = {}
+        for k in self.order:
+            self.uses[k] = self.uses.get(k, 0) + 1
+        self.next = 0  # position in self.order up to which everything is encoded or done
+
+    def get(self, chunk: Chunk):
+        needed = [(t, chunk.length) for r in chunk.requests for t in (r.prompt, r.negative)]
+        while any(k not in self.embeddings for k in needed):
+            upcoming = []  # the next uncached texts of this length, in the order the chunks use them
+            while self.next < len(self.order) and len(upcoming) < self.batch:
+                k = self.order[self.next]
+                if k[1] == chunk.length and k not in self.embeddings and self.uses[k] > 0 and k not in upcoming:
+                    upcoming.append(k)
+                self.next += 1
+            if not upcoming:  # lookahead passed them (another length came first): encode what is missing
+                upcoming = list(dict.fromkeys(k for k in needed if k not in self.embeddings))
+            encode_texts(self.encoder, [t for t, _ in upcoming], chunk.length, self.batch, self.embeddings)
+        conds = conditioning(chunk, self.embeddings)
+        for k in needed:
+            self.uses[k] -= 1
+            if self.uses[k] == 0:
+                self.embeddings.pop(k, None)
+        return conds
+
+
 class Models:
     """One PixArt model at a time, loaded for the chunk's preset; a preset that fails to load fails
     its chunks with the same error without trying again."""
@@ -344,23 +377,34 @@ def sample_chunk(models: Models, chunk: Chunk, prompt, negative) -> torch.Tensor
     return result.latents[:n]
 
 
-def write_outputs(folder: Path, chunk: Chunk, latents: torch.Tensor, kind: str, config, vae=None
-                  ) -> list[tuple[str, str | None, str | None]]:
-    """Decode (png) or keep (latent) each request's latents and write its file atomically, named by its
-    key: [(key, file name or None, error or None)]. A write that fails fails that request only."""
-    from .pipeline import Generated, save_latents
+def decode_outputs(chunk: Chunk, latents: torch.Tensor, kind: str, config, vae=None) -> list:
+    """Per request: a uint8 image (png, resized and cropped to the size asked) or its latents."""
+    from . import vae as vae_module
     out = []
-    for i, (key, r) in enumerate(zip(chunk.keys, chunk.requests)):
+    for i, r in enumerate(chunk.requests):
+        if kind == "png":
+            size = (config.resolution if r.height is None else r.height, config.resolution if r.width is None else r.width)
+            out.append(vae_module.decode(vae, latents[i:i + 1], *size)[0])
+        else:
+            out.append(latents[i:i + 1].contiguous())
+    return out
+
+
+def write_outputs(folder: Path, chunk: Chunk, payloads: list, kind: str, resolution: int, family: str
+                  ) -> list[tuple[str, str | None, str | None]]:
+    """Write each request's decoded image or latents atomically, named by its key:
+    [(key, file name or None, error or None)]. A write that fails fails that request only."""
+    from .pipeline import Generated, save_latents
+    from .vae import save_png
+    out = []
+    for key, r, payload in zip(chunk.keys, chunk.requests, payloads):
         name = output_name(key, kind)
-        req = (config.resolution if r.height is None else r.height, config.resolution if r.width is None else r.width)
+        size = (resolution if r.height is None else r.height, resolution if r.width is None else r.width)
         try:
             if kind == "png":
-                from . import vae as vae_module
-                image = vae_module.decode(vae, latents[i:i + 1], *req)[0]
-                vae_module.save_png(folder / name, image, {"prompt": r.prompt, "seed": r.seed, "request": key})
+                save_png(folder / name, payload, {"prompt": r.prompt, "seed": r.seed, "request": key})
             else:
-                save_latents(folder / name, Generated(latents[i:i + 1].contiguous(), chunk.bin[0], chunk.bin[1],
-                                                      req, r.seed, config.family))
+                save_latents(folder / name, Generated(payload, chunk.bin[0], chunk.bin[1], size, r.seed, family))
             out.append((key, name, None))
         except Exception as e:  # noqa: BLE001
             out.append((key, None, error_text(e)))
@@ -431,8 +475,8 @@ def read_jobs(path) -> tuple[list[Request], list[tuple[int, str]]]:
 
 
 def run_local(jobs, folder, settings: Settings, progress: bool = True, say=print) -> Summary:
-    """The whole job in this process: T5 for every prompt (in batches of t5_batch, then freed), then
-    the chunks sampled, decoded and written one after another."""
+    """The whole job in this process: chunk after chunk, T5-encoded (t5_batch prompts at a time, ahead),
+    sampled, decoded and written."""
     import time
     from . import vae as vae_module
     from .t5 import load_t5
@@ -442,19 +486,16 @@ def run_local(jobs, folder, settings: Settings, progress: bool = True, say=print
     if plan.chunks:
         encoder = load_t5(settings.t5, dtype=settings.t5_dtype, device=settings.device,
                           tokenizer_path=settings.tokenizer)
-        embeddings = {}
-        for length in sorted({c.length for c in plan.chunks}):
-            texts = [t for c in plan.chunks if c.length == length for r in c.requests for t in (r.prompt, r.negative)]
-            encode_texts(encoder, texts, length, settings.t5_batch, embeddings)
-        encoder.release()
-        del encoder
+        cache = EmbeddingCache(encoder, plan.chunks, settings.t5_batch)
         vae = (vae_module.load_vae(settings.vae, settings.device) if settings.output_kind == "png" else None)
         models = Models(settings)
         bar = _progress(sum(len(c.keys) for c in plan.chunks), progress)
         for chunk in plan.chunks:
             try:
-                latents = sample_chunk(models, chunk, *conditioning(chunk, embeddings))
-                results = write_outputs(folder, chunk, latents, settings.output_kind, models.model.config, vae)
+                latents = sample_chunk(models, chunk, *cache.get(chunk))
+                cfg, kind = models.model.config, settings.output_kind
+                payloads = decode_outputs(chunk, latents, kind, cfg, vae)
+                results = write_outputs(folder, chunk, payloads, kind, cfg.resolution, cfg.family)
             except Exception as e:  # noqa: BLE001 - one failed chunk must not stop the job
                 results = [(k, None, error_text(e)) for k in chunk.keys]
             record_results(manifest, plan, results, summary)
