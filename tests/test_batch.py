@@ -189,3 +189,40 @@ def test_per_request_seeds_give_the_single_seed_noise():
         a = generate(model, cond, cond, steps=2, sampler=sampler, seed=7).latents
         b = generate(model, cond, cond, steps=2, sampler=sampler, seeds=[7]).latents
         assert torch.equal(a, b)
+
+
+def test_ray_missing_is_one_sentence_before_any_work(models, tmp_path, monkeypatch, capsys):
+    import sys
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "pixart_core.batch_ray", raising=False)
+    ckpt, t5 = models
+    jobs = bf.write_jobs(tmp_path / "jobs.jsonl", [bf.REQUESTS[0]])
+    code = cli(["batch", str(jobs), "--out", str(tmp_path / "out"), "--model", str(ckpt), "--t5", str(t5),
+                "--ray", "auto"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == 'error: --ray needs Ray Data, which is not installed: pip install "ray[data]"'
+    assert not (tmp_path / "out").exists()
+
+
+def test_embedding_cache_encodes_each_text_once_and_keeps_little():
+    class Counting:
+        calls = []
+
+        def encode(self, texts, max_length):
+            self.calls.append(list(texts))
+            n = len(texts)
+            return torch.arange(n, dtype=torch.float32).view(n, 1, 1).expand(n, max_length, 2), \
+                torch.ones(n, max_length, dtype=torch.long)
+    make = lambda p, s: Request(**{**batch_module.FIELDS, "prompt": p, "seed": s})  # noqa: E731
+    chunks = [batch_module.Chunk("auto", None, (256, 256), 4, [str(i)], [make(p, i)])
+              for i, p in enumerate(["a", "b", "a", "c", "d", "b"])]
+    enc = Counting()
+    cache = batch_module.EmbeddingCache(enc, chunks, batch=2)
+    sizes = []
+    for c in chunks:
+        prompt, negative = cache.get(c)
+        assert prompt.embeds.shape == (1, 4, 2)
+        sizes.append(len(cache.embeddings))
+    encoded = [t for call in enc.calls for t in call]
+    assert sorted(encoded) == ["", "a", "b", "c", "d"] and max(len(c) for c in enc.calls) <= 2
+    assert sizes[-1] == 0 and max(sizes) <= 4

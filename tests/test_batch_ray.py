@@ -40,29 +40,36 @@ def run(cluster, out, actors=1):
                              progress=False, say=quiet)
 
 
-def test_ray_outputs_equal_local_byte_for_byte_and_rerun_does_no_work(cluster):
-    root, _, _, local, _ = cluster
-    summary = run(cluster, "ray")
-    assert (summary.done, summary.skipped, summary.failed) == (4, 0, 0)
-    assert bf.outputs(root / "ray") == local
-    entries = bf.manifest(root / "ray")
-    assert len(entries) == 4 and all(e["status"] == "done" for e in entries)
-    assert sorted(e["lines"] for e in entries) == [[1, 5], [2], [3], [4]]
+@pytest.fixture(scope="module")
+def killed_run(cluster):
+    """One Ray job (each Ray job costs seconds of actor start-up) whose sampling worker is killed at
+    its first chunk: Ray restarts it and redoes that chunk."""
+    root, _, _, _, crash = cluster
+    crash.touch()  # the next sampling call kills its actor's process
+    summary = run(cluster, "ray", actors=2)
+    assert not crash.exists()  # a worker did die mid-job
+    return root / "ray", summary
 
-    before = {p.name: p.stat().st_mtime_ns for p in (root / "ray").glob("*.latent")}
+
+def test_ray_outputs_equal_local_byte_for_byte(cluster, killed_run):
+    out, summary = killed_run
+    assert (summary.done, summary.skipped, summary.failed) == (4, 0, 0)
+    assert bf.outputs(out) == cluster[3]
+
+
+def test_killed_sampling_worker_loses_and_duplicates_nothing(cluster, killed_run):
+    out, _ = killed_run
+    entries = bf.manifest(out)
+    assert sorted(e["key"] for e in entries) == sorted(k[:-len(".latent")] for k in cluster[3])
+    assert all(e["status"] == "done" and (out / e["file"]).is_file() for e in entries)
+    assert sorted(e["lines"] for e in entries) == [[1, 5], [2], [3], [4]]
+    assert not list(out.glob("*.part"))  # no half-written file left behind
+
+
+def test_ray_rerun_does_no_work(cluster, killed_run):
+    out, _ = killed_run
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.latent")}
     again = run(cluster, "ray")
     assert (again.done, again.skipped, again.failed) == (0, 4, 0)
-    assert {p.name: p.stat().st_mtime_ns for p in (root / "ray").glob("*.latent")} == before
-
-
-def test_killed_sampling_worker_loses_and_duplicates_nothing(cluster):
-    root, _, _, local, crash = cluster
-    crash.touch()  # the next sampling call kills its actor's process
-    summary = run(cluster, "killed", actors=2)
-    assert not crash.exists()  # a worker did die mid-job
-    assert (summary.done, summary.failed) == (4, 0)
-    assert bf.outputs(root / "killed") == local
-    entries = bf.manifest(root / "killed")
-    assert sorted(e["key"] for e in entries) == sorted(k[:-len(".latent")] for k in local)
-    assert all(e["status"] == "done" for e in entries)
-    assert not list((root / "killed").glob("*.part"))  # no half-written file left behind
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.latent")} == before
+    assert len(bf.manifest(out)) == 4
