@@ -297,28 +297,49 @@ def measure(name: str, models: Path, base: Path, steps: int, depth: int, timeout
             "peak_sampled": sampler.peak, "at_peak": sampler.at_peak}
 
 
+TRAIN_TOKENS = {"train_lora": 4096, "train_lora_resolution_2k": 16384, "train_lora_kv_compression_4k": 16384}
+TWO_MODELS = {"hires_fix_1024_to_2k"}  # the 1024 and the 2K model are both loaded
+
+
 def extrapolate(result: dict, info: dict, cn_copies: int = CONTROLNET_COPIES) -> dict:
-    depth = result["depth"]
-    add = missing_bytes(depth, FULL_DEPTH, info["block_bytes_fp32"])
-    if result["workflow"] in ("hires_fix_1024_to_2k",):
-        add *= 2  # both models stay loaded
-    if result["workflow"] == "controlnet_canny":
+    """The 28-block figures: the measured peaks plus the weights (fp32, as ComfyUI keeps them on the CPU)
+    of the blocks left out, the ControlNet copies left out, and for training the per-block extras."""
+    name, depth = result["workflow"], result["depth"]
+    add = missing_bytes(depth, FULL_DEPTH, info["block_bytes_fp32"]) * (2 if name in TWO_MODELS else 1)
+    if name == "controlnet_canny":
         add += missing_bytes(depth, cn_copies, info["controlnet_copy_bytes_fp32"])
-    return {"added_bytes": add, "peak_full_bytes": result["peak_vmhwm"] + add}
+    if name in TRAIN_TOKENS:
+        add += missing_bytes(depth, FULL_DEPTH, train_extra_per_block(TRAIN_TOKENS[name]))
+    return {"added_bytes": add, "peak_full_bytes": result["peak_vmhwm"] + add,
+            "peak_anon_full_bytes": result["peak_sampled"]["RssAnon"] + add}
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| workflow | peak RSS, measured at depth d | + missing blocks | **peak RSS, 28 blocks** | anonymous / file-backed at the peak | run (s) |",
+    lines = ["| workflow | measured: peak RSS / peak anonymous (depth, steps) | + left-out blocks | "
+             "**peak RSS, 28 blocks** | **peak anonymous, 28 blocks** | run (s) |",
              "|---|---|---|---|---|---|"]
-    for r in results:
+    for r in sorted(results, key=lambda r: (WORKFLOWS.index(r["workflow"]) if r["workflow"] in WORKFLOWS else 99,
+                                            r["depth"], r["steps"])):
         if not r["ok"]:
-            lines.append(f"| `{r['workflow']}` | failed: {r['error'][:120]!r} | | | | {r['wall_s']} |")
+            lines.append(f"| `{r['workflow']}` | failed: {(r['error'] or '')[:160]!r} | | | | {r['wall_s']:.0f} |")
             continue
-        p = r["at_peak"]
-        lines.append(f"| `{r['workflow']}` | {r['peak_vmhwm'] / GIB:.2f} GiB (d = {r['depth']}, {r['steps']} step) | "
+        lines.append(f"| `{r['workflow']}` | {r['peak_vmhwm'] / GIB:.2f} / {r['peak_sampled']['RssAnon'] / GIB:.2f} GiB "
+                     f"(d = {r['depth']}, {r['steps']} step{'s' if r['steps'] > 1 else ''}) | "
                      f"{r['added_bytes'] / GIB:.2f} GiB | **{r['peak_full_bytes'] / GIB:.1f} GiB** | "
-                     f"{p.get('RssAnon', 0) / GIB:.1f} / {p.get('RssFile', 0) / GIB:.1f} GiB | {r['wall_s']:.0f} |")
+                     f"**{r['peak_anon_full_bytes'] / GIB:.1f} GiB** | {r['wall_s']:.0f} |")
     return "\n".join(lines)
+
+
+def report(path: Path) -> str:
+    """Recompute the 28-block figures of every stored run and rewrite the .md table."""
+    done = json.loads(path.read_text())
+    for r in done["runs"]:
+        if r["ok"]:
+            r.update(extrapolate(r, done["info"][f"depth{r['depth']}"]))
+    path.write_text(json.dumps(done, indent=2))
+    text = table(done["runs"])
+    path.with_suffix(".md").write_text(text + "\n")
+    return text
 
 
 def main(argv=None) -> int:
@@ -329,8 +350,12 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--out", type=Path, default=RESULTS / "workflow_memory-cpu.json")
+    parser.add_argument("--report", action="store_true", help="only recompute the table from --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.report:
+        print(report(args.out))
+        return 0
     info = write_models(args.cache, args.depth)
     done = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": []}
     for name in args.workflows:
@@ -344,8 +369,7 @@ def main(argv=None) -> int:
         done["info"] = {**done.get("info", {}), f"depth{args.depth}": info}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(done, indent=2))
-        args.out.with_suffix(".md").write_text(table([x for x in done["runs"] if x["ok"] or True]) + "\n")
-    print(table(done["runs"]))
+    print(report(args.out))
     return 0
 
 
