@@ -79,3 +79,23 @@ def test_licence_is_the_full_apache_2_text():
     assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text
     assert "9. Accepting Warranty or Additional Liability." in text and "END OF TERMS AND CONDITIONS" in text
     assert len(text.splitlines()) > 190
+
+
+def readme_node_rows() -> list[list[str]]:
+    """The bold names in the first cell of each row of README's "## Nodes" table (a row may name two
+    nodes that share a description, as PixArt Sampler Select / PixArt Step Grid do)."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Nodes\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| **")]
+    return [re.findall(r"\*\*(.+?)\*\*", row.split(" | ", 1)[0]) for row in rows]
+
+
+def test_readme_node_list_names_every_registered_node():
+    from test_nodes import _import_comfy_and_pack  # the pack imported inside the test ComfyUI host
+
+    pack = _import_comfy_and_pack()
+    registered = sorted(node.define_schema().display_name for node in pack.nodes.NODES)
+    rows = readme_node_rows()
+    listed = [name for row in rows for name in row]
+    assert sorted(listed) == registered  # every node once, nothing that is not registered
+    assert len(rows) == len(registered) - 1 and ["PixArt Sampler Select", "PixArt Step Grid"] in rows
