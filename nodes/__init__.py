@@ -9,6 +9,7 @@ from .controlnet import PixArtSuiteControlNetLoader
 from .kv_compression import PixArtSuiteKVCompression
 from .loaders import PixArtSuiteModelLoader, PixArtSuiteT5Loader
 from .lora import PixArtSuiteLoraLoader
+from .pag import PixArtSuitePAG
 from .resolution import PixArtSuiteResizeCrop, PixArtSuiteResolution
 from .sampling import PixArtSuiteCFGGuider, PixArtSuiteSampler, PixArtSuiteSamplerSelect, PixArtSuiteSigmas
 from .text_encoder import PixArtSuiteT5TextEncode
@@ -28,6 +29,7 @@ NODES: list[type[io.ComfyNode]] = [
     PixArtSuiteControlNetLoader,
     PixArtSuiteValidationLoss,
     PixArtSuiteCFGGuider,
+    PixArtSuitePAG,
 ]
 
 

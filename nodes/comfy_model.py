@@ -25,7 +25,7 @@ import comfy.supported_models
 import torch
 
 from ..pixart_core import KVCompress, PixArt, PixArtConfig, schedule
-from ..pixart_core.model import BlockInputs, sincos_pos_embed
+from ..pixart_core.model import BlockInputs, PerturbedAttention, sincos_pos_embed
 from ..pixart_core.ops import CastOps, gemm_dtype
 from ..pixart_core.loading import (CheckpointError, check_state_dict, config_from_preset, detect_config,
                                    read_checkpoint)
@@ -33,6 +33,7 @@ from ..pixart_core.loading import (CheckpointError, check_state_dict, config_fro
 log = logging.getLogger(__name__)
 
 KV_OPTION = "pixart_kv_compress"  # transformer_options key read by ComfyPixArtDiT
+PAG_OPTION = "pixart_pag"  # transformer_options key read by ComfyPixArtDiT: a PAGRows (nodes/pag.py sets it)
 CONTROL_KEY = "pixart_controlnet"  # the entry of ComfyUI's `control` dict our ControlNets fill (nodes/controlnet.py)
 
 
@@ -76,8 +77,30 @@ class ComfyPixArtDiT(PixArt):
         refuse_unet_patches(transformer_options)
         out = super().forward(x, timesteps, context, context_mask, c_size, c_ar,
                               kv_compress=transformer_options.get(KV_OPTION), controls=controls_of(control),
-                              block_replace=block_replacements(transformer_options, self.config.depth))
+                              block_replace=block_replacements(transformer_options, self.config.depth),
+                              perturb=perturbed_rows(transformer_options, x.shape[0]))
         return out[:, : self.config.in_channels]  # ε; ComfyUI has no use for the learned variance
+
+
+@dataclasses.dataclass(frozen=True)
+class PAGRows:
+    """Perturbed-attention guidance inside one of ComfyUI's batched model calls: the chunks whose entry in
+    transformer_options["cond_or_uncond"] is `index` (the extra copy of the prompt PixArt PAG adds to
+    the conds) run with identity self-attention in blocks `layers`."""
+    layers: tuple[int, ...]
+    index: int
+
+
+def perturbed_rows(transformer_options, batch: int) -> PerturbedAttention | None:
+    """The batch rows of this call that PixArt PAG perturbs (calc_cond_batch stacks equal-sized chunks,
+    one per cond entry, in the order cond_or_uncond lists them), or None."""
+    pag = transformer_options.get(PAG_OPTION)
+    chunks = transformer_options.get("cond_or_uncond") or []
+    if pag is None or pag.index not in chunks:
+        return None
+    per = batch // len(chunks)
+    rows = tuple(r for k, c in enumerate(chunks) if c == pag.index for r in range(k * per, (k + 1) * per))
+    return PerturbedAttention(pag.layers, rows)
 
 
 # ComfyUI's UNet patch points (comfy/ldm/modules/diffusionmodules/openaimodel.py): a DiT has none of them
@@ -101,8 +124,11 @@ def refuse_unet_patches(transformer_options) -> None:
               if (r := transformer_options.get("patches_replace", {}).get(kind))]
     if found:
         kind, fn = found[0]
-        raise ValueError(f"{_node_of(fn)} patches a UNet ({kind}), which PixArt, a DiT, does not have, so it would "
-                         "change nothing; remove it from the graph (UNet-only nodes work on SD1.x/SDXL models)")
+        node = _node_of(fn)
+        instead = ("; for perturbed-attention guidance on PixArt use this pack's 'PixArt PAG' node instead"
+                   if node == "PerturbedAttentionGuidance" else " (UNet-only nodes work on SD1.x/SDXL models)")
+        raise ValueError(f"{node} patches a UNet ({kind}), which PixArt, a DiT, does not have, so it would "
+                         f"change nothing; remove it from the graph{instead}")
 
 
 def block_replacements(transformer_options, depth: int) -> dict:
@@ -286,5 +312,5 @@ def with_kv_compression(model_patcher, kv: KVCompress):
     return patched
 
 
-__all__ = ["CONTROL_KEY", "CheckpointError", "ComfyPixArtDiT", "KV_OPTION", "PixArtSuiteModel", "load_model",
+__all__ = ["CONTROL_KEY", "CheckpointError", "ComfyPixArtDiT", "KV_OPTION", "PAG_OPTION", "PAGRows", "PixArtSuiteModel", "load_model",
            "pixart_config_of", "with_kv_compression"]

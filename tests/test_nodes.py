@@ -123,7 +123,7 @@ def run_sampler(env, model=None, seed=0, steps=3, cfg=4.5, sampler="dpmpp_2m", g
 def test_every_node_is_registered_documented_and_prefixed(env):
     extension = asyncio.run(env.pack.comfy_entrypoint())
     nodes = asyncio.run(extension.get_node_list())
-    assert [c.__name__ for c in nodes] == [c.__name__ for c in env.n.NODES] and len(nodes) == 13
+    assert [c.__name__ for c in nodes] == [c.__name__ for c in env.n.NODES] and len(nodes) == 14
     for cls in nodes:
         schema = cls.GET_SCHEMA()
         assert schema.node_id.startswith("PixArtSuite") and schema.node_id == cls.__name__
@@ -150,6 +150,7 @@ def test_input_names_and_order(env):
     assert names(n.PixArtSuiteResolution) == ["size_class", "aspect_ratio", "width", "height", "batch_size", "model"]
     assert names(n.PixArtSuiteResizeCrop) == ["image", "width", "height"]
     assert names(n.PixArtSuiteKVCompression) == ["model", "layers", "ratio", "mode"]
+    assert names(n.PixArtSuitePAG) == ["model", "preset", "layers", "scale", "adaptive_scale"]
 
 
 def test_file_lists(env):
