@@ -23,6 +23,7 @@ from .common import CATEGORY, check_widgets, queue_check
 
 CUSTOM = "layers below"
 PRESET_NAMES = (CUSTOM, *PRESETS)
+PRESET_HINT = "or choose one of the presets"
 
 
 def _with_pag_rows(model_options: dict, rows: PAGRows) -> dict:
@@ -124,7 +125,7 @@ class PixArtSuitePAG(io.ComfyNode):
             if preset is not None and preset not in PRESET_NAMES:
                 raise ValueError(f"preset {preset!r} is not one of {', '.join(PRESET_NAMES)}")
             if layers is not None and preset in (None, CUSTOM):
-                pag_layers(layers, None)
+                pag_layers(layers, None, PRESET_HINT)
             check_widgets(cls, **numbers)
         return queue_check(check, preset=preset, layers=layers, scale=scale, adaptive_scale=adaptive_scale)
 
@@ -137,5 +138,5 @@ class PixArtSuitePAG(io.ComfyNode):
         if preset not in PRESET_NAMES:
             raise ValueError(f"preset {preset!r} is not one of {', '.join(PRESET_NAMES)}")
         check_widgets(cls, scale=scale, adaptive_scale=adaptive_scale)
-        blocks = pag_layers(layers if preset == CUSTOM else preset, config.depth)
+        blocks = pag_layers(layers if preset == CUSTOM else preset, config.depth, PRESET_HINT)
         return io.NodeOutput(with_pag(model, PAG(blocks, scale, adaptive_scale)))

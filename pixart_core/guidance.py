@@ -53,7 +53,7 @@ def _preset_pattern(text) -> str | None:
     return PRESETS.get(text) or PRESET_WORDS.get(text.strip().lower())
 
 
-def pag_layers(text: str, depth: int | None) -> tuple[int, ...]:
+def pag_layers(text: str, depth: int | None, hint: str = "or a preset: " + ", ".join(PRESET_WORDS)) -> tuple[int, ...]:
     """A layer list ('14', '10-19', 'all': the KV layer syntax) or a preset (a PRESETS name, or the
     CLI's words diffusers-default / diffusers-docs) -> block indices of a `depth`-block model.
     depth None checks the syntax only (returns ()), as ComfyUI's queue-time check does."""
@@ -63,7 +63,7 @@ def pag_layers(text: str, depth: int | None) -> tuple[int, ...]:
     try:
         return parse_layers(text, depth)
     except InputError as e:
-        raise InputError(f"PAG {e}; or a preset: {', '.join(PRESET_WORDS)}") from None
+        raise InputError(f"PAG {e}; {hint}") from None
 
 
 def pag_layers_syntax(text: str) -> str:

@@ -175,3 +175,116 @@ def test_bad_layer_strings_are_refused(text, message):
         pag_layers(text, DEPTH)
     with pytest.raises(InputError, match="matches no block"):
         diffusers_layers("blocks.99", DEPTH)
+
+
+# -------------------------------------------------------------------------------------------------
+# the PixArt PAG node, in-process on ComfyUI (the host and tiny models of test_nodes.py)
+# -------------------------------------------------------------------------------------------------
+
+from test_nodes import SIGMA_LATENT_SCALE, empty_latent, env, mask_of, one_sentence, run_sampler, t5_outputs  # noqa: E402,F811
+
+
+def core_sample(env, sigmas, seed, cfg, uncond_mask, pag, sampler="dpmpp_2m", kv=None):
+    """pixart_core's sampler + PixArtDenoiser(pag=...) on the node env's weights, noise and conditioning."""
+    import comfy.sample
+    from pixart_core import samplers
+    latent = empty_latent()["samples"]
+    noise = comfy.sample.prepare_noise(latent, seed)
+    x = noise * math.sqrt(1.0 + float(sigmas[0]) ** 2)
+    pos, neg = t5_outputs(env.pos), t5_outputs(env.neg)
+    denoiser = PixArtDenoiser(env.core)
+    saved = env.core.kv_compress
+    env.core.kv_compress = kv or saved
+    try:
+        out = samplers.SAMPLERS[sampler](
+            lambda x, s: denoiser(x, s, pos, mask_of(env.pos), neg, uncond_mask, cfg_scale=cfg, pag=pag),
+            x, sigmas, disable=True)
+    finally:
+        env.core.kv_compress = saved
+    return out / SIGMA_LATENT_SCALE
+
+
+def pag_node(env, model=None, preset="layers below", layers="1", scale=2.0, adaptive=0.0):
+    return env.n.PixArtSuitePAG.execute(model or env.model, preset, layers, scale, adaptive)[0]
+
+
+@pytest.mark.parametrize("cfg,adaptive", [(4.5, 0.0), (1.0, 0.0), (4.5, 0.002)])
+def test_node_through_the_pack_sampler_equals_core(env, cfg, adaptive):
+    from pixart_core.schedule import make_sigmas
+    model = pag_node(env, layers="0-1", adaptive=adaptive)
+    got = run_sampler(env, model=model, seed=5, steps=3, cfg=cfg)
+    want = core_sample(env, make_sigmas("dpm_time_uniform", 3), 5, cfg, mask_of(env.pos), PAG((0, 1), 2.0, adaptive))
+    assert rel_err(got, want) < 1e-5
+    assert rel_err(got, run_sampler(env, seed=5, steps=3, cfg=cfg)) > 1e-3  # PAG does something
+
+
+def test_node_through_stock_ksampler_and_sampler_custom_advanced_equals_core(env):
+    import comfy.sample
+    import comfy.samplers
+    model = pag_node(env, layers="1", scale=3.0)
+    latent = empty_latent()["samples"]
+    noise = comfy.sample.prepare_noise(latent, 9)
+    got = comfy.sample.sample(model, noise, 3, 4.5, "euler", "normal", env.pos, env.neg, latent, seed=9)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 3)
+    want = core_sample(env, sigmas, 9, 4.5, mask_of(env.neg), PAG((1,), 3.0), sampler="euler")
+    assert rel_err(got, want) < 1e-5
+    # SamplerCustomAdvanced: the pack's CFG guider (official null) + its sampler and grid = PixArt Sampler
+    guider = env.n.PixArtSuiteCFGGuider.execute(model, env.pos, env.neg, 4.5, env.pack.nodes.sampling.NULL_OFFICIAL)[0]
+    sampler = env.n.PixArtSuiteSamplerSelect.execute("dpmpp_2m", 1.0)[0]
+    grid = env.n.PixArtSuiteSigmas.execute(model, "dpm_time_uniform", 3, 1.0)[0]
+    custom = guider.sample(noise, latent, sampler, grid, seed=9, disable_pbar=True)
+    assert rel_err(custom, run_sampler(env, model=model, seed=9, steps=3)) < 1e-6
+
+
+def test_node_batches_the_perturbed_prompt_with_cfg_and_works_with_kv_compression(env):
+    from pixart_core.schedule import make_sigmas
+    kv_model = env.n.PixArtSuiteKVCompression.execute(env.model, "0-1", 2, "avgpool")[0]
+    model = pag_node(env, model=kv_model, layers="all")
+    dit = model.model.diffusion_model
+    batches = []
+    original = dit.forward
+    dit.forward = lambda x, *a, **k: (batches.append(x.shape[0]), original(x, *a, **k))[1]
+    try:
+        got = run_sampler(env, model=model, seed=2, steps=2, cfg=4.5)
+        assert batches == [3, 3]  # [cond, uncond, cond perturbed] in one call per step
+        batches.clear()
+        run_sampler(env, model=model, seed=2, steps=2, cfg=1.0)
+        assert batches == [2, 2]  # CFG 1: [cond, cond perturbed]
+    finally:
+        dit.forward = original
+    want = core_sample(env, make_sigmas("dpm_time_uniform", 2), 2, 4.5, mask_of(env.pos), PAG((0, 1), 2.0),
+                       kv=KVCompress((0, 1), 2, "avgpool"))
+    assert rel_err(got, want) < 1e-5
+
+
+def test_node_still_guides_when_another_node_replaces_the_batch_function(env):
+    """The post-CFG function then evaluates the perturbed prompt itself (one more call per step)."""
+    import comfy.samplers
+    model = pag_node(env, layers="1").clone()
+    model.set_model_sampler_calc_cond_batch_function(
+        lambda a: comfy.samplers.calc_cond_batch(a["model"], a["conds"], a["input"], a["sigma"], a["model_options"]))
+    assert rel_err(run_sampler(env, model=model, seed=4), run_sampler(env, model=pag_node(env, layers="1"), seed=4)) < 1e-6
+
+
+@pytest.mark.parametrize("layers,message", [("abc", "PAG layers 'abc' is not a layer list"),
+                                            ("5-2", "runs backwards"), ("0,7", "this model has layers 0-1")])
+def test_node_bad_layers_are_one_sentence_naming_the_input(env, layers, message):
+    with pytest.raises(ValueError, match=message) as err:  # the pack's InputError (imported as the pack)
+        pag_node(env, layers=layers)
+    assert type(err.value).__name__ == "InputError" and "presets" in str(err.value)
+    one_sentence(err)
+    assert env.n.PixArtSuitePAG.validate_inputs("layers below", "abc", 3.0, 0.0).startswith("PAG layers 'abc'")
+    assert env.n.PixArtSuitePAG.validate_inputs("diffusers docs (blocks.14)", "abc", 3.0, 0.0) is True
+    with pytest.raises(ValueError, match="already has PixArt PAG"):
+        pag_node(env, model=pag_node(env))
+
+
+def test_stock_pag_on_pixart_points_to_the_node(env):
+    import comfy.sample
+    import comfy_extras.nodes_pag as stock
+    model = stock.PerturbedAttentionGuidance.execute(env.model, 3.0)[0]
+    latent = empty_latent()["samples"]
+    with pytest.raises(ValueError, match="patches a UNet .*use this pack's 'PixArt PAG' node") as err:
+        comfy.sample.sample(model, comfy.sample.prepare_noise(latent, 0), 2, 4.5, "euler", "normal", env.pos,
+                            env.neg, latent)
+    one_sentence(err)
