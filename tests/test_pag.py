@@ -288,3 +288,32 @@ def test_stock_pag_on_pixart_points_to_the_node(env):
         comfy.sample.sample(model, comfy.sample.prepare_noise(latent, 0), 2, 4.5, "euler", "normal", env.pos,
                             env.neg, latent)
     one_sentence(err)
+
+
+def test_command_line_generate_with_pag(tmp_path, capsys):
+    from safetensors.torch import load_file
+    from pixart_core.__main__ import main
+    from pixart_core.loading import load_pixart, save_checkpoint
+    from pixart_core.t5 import load_t5
+    from tests.t5_fixtures import write_tiny_t5_hf_folder
+    core = random_model(tiny(model_max_length=300)).eval()
+    ckpt = save_checkpoint(core.state_dict(), core.config, tmp_path / "tiny.safetensors")
+    t5 = write_tiny_t5_hf_folder(tmp_path / "text_encoder")
+    common = ["generate", "--model", str(ckpt), "--t5", str(t5), "--t5-dtype", "fp32", "--prompt", "a cat",
+              "--height", "128", "--width", "128", "--steps", "2", "--seed", "3"]
+    assert main(common + ["--pag-layers", "1", "--pag-scale", "2.5", "--pag-adaptive-scale", "0.001",
+                          str(tmp_path / "pag.latent")]) == 0
+    assert main(common + [str(tmp_path / "plain.latent")]) == 0
+    got = load_file(str(tmp_path / "pag.latent"))["latent_tensor"]
+    encoder = load_t5(t5)
+    prompt = Conditioning(*encoder.encode(["a cat"], max_length=300))
+    negative = Conditioning(*encoder.encode([""], max_length=300))
+    want = generate(load_pixart(ckpt).model.eval(), prompt, negative, height=128, width=128, steps=2, seed=3,
+                    pag=PAG((1,), 2.5, 0.001)).latents
+    assert rel_err(got, want) < 1e-6
+    assert rel_err(got, load_file(str(tmp_path / "plain.latent"))["latent_tensor"]) > 1e-4
+    capsys.readouterr()
+    assert main(common + ["--pag-layers", "blocks.1", str(tmp_path / "bad.latent")]) == 2
+    assert "--pag-layers: PAG layers 'blocks.1' is not a layer list" in capsys.readouterr().err
+    assert main(common + ["--pag-layers", "5", str(tmp_path / "bad.latent")]) == 2
+    assert "this model has layers 0-1" in capsys.readouterr().err
