@@ -375,4 +375,6 @@ def test_unet_only_nodes_say_so(comfy, node):
     assert e.exception_message.strip() == (
         f"{node} {what}, which PixArt, a DiT, does not have" + (
             ": it works on UNet models (SD1.x/SDXL) only; remove it from the graph" if failing == node else
-            ", so it would change nothing; remove it from the graph (UNet-only nodes work on SD1.x/SDXL models)"))
+            ", so it would change nothing; remove it from the graph" + (
+                "; for perturbed-attention guidance on PixArt use this pack's 'PixArt PAG' node instead"
+                if node == "PerturbedAttentionGuidance" else " (UNet-only nodes work on SD1.x/SDXL models)")))
