@@ -259,6 +259,46 @@ def test_sampling_and_guidance_nodes(comfy):
     assert apart(got["inpaint"][..., 16:], base_latent[..., 16:])
 
 
+def test_pixart_pag_node_with_stock_and_pack_samplers(comfy):
+    """PixArt PAG on the real host: scale 0 is the plain model; otherwise it changes KSampler, the PixArt
+    Sampler (at CFG 1 too) and SamplerCustomAdvanced, and stacks on KV compression."""
+    g, ids = base("pag")
+    m = [ids["model"], 0]
+
+    def pag(scale, model=m, layers="1"):  # the stand-in models have two blocks
+        return [g.add("PixArtSuitePAG", model=model, preset="layers below", layers=layers, scale=scale,
+                      adaptive_scale=0.0), 0]
+
+    g.save("base", ksampler(g, ids))
+    g.save("pag_0", ksampler(g, ids, model=pag(0.0)[0]))
+    g.save("pag", ksampler(g, ids, model=pag(3.0)[0]))
+    g.save("docs_preset", ksampler(g, ids, model=g.add("PixArtSuitePAG", model=m, preset="diffusers default (blocks.1)",
+                                                       layers="ignored", scale=3.0, adaptive_scale=0.0)))
+    g.save("sampler_cfg1", g.add("PixArtSuiteSampler", model=pag(3.0), positive=[ids["pos"], 0],
+                                 negative=[ids["neg"], 0], latent_image=[ids["latent"], 0], seed=0, steps=2, cfg=1.0,
+                                 sampler_name="dpmpp_2m", step_grid="dpm_time_uniform", null_mask=OFFICIAL, denoise=1.0))
+    g.save("sampler_cfg1_plain", g.add("PixArtSuiteSampler", model=m, positive=[ids["pos"], 0],
+                                       negative=[ids["neg"], 0], latent_image=[ids["latent"], 0], seed=0, steps=2,
+                                       cfg=1.0, sampler_name="dpmpp_2m", step_grid="dpm_time_uniform",
+                                       null_mask=OFFICIAL, denoise=1.0))
+    kv = [g.add("PixArtSuiteKVCompression", model=m, layers="0-1", ratio=2, mode="avgpool"), 0]
+    g.save("kv", ksampler(g, ids, model=kv[0]))
+    g.save("kv_pag", ksampler(g, ids, model=pag(3.0, model=kv)[0]))
+    guider = g.add("PixArtSuiteCFGGuider", model=pag(3.0), positive=[ids["pos"], 0], negative=[ids["neg"], 0],
+                   cfg=4.5, null_mask=OFFICIAL)
+    g.save("custom", g.add("SamplerCustomAdvanced", noise=[g.add("RandomNoise", noise_seed=0), 0], guider=[guider, 0],
+                           sampler=[g.add("PixArtSuiteSamplerSelect", sampler_name="dpmpp_2m", eta=1.0), 0],
+                           sigmas=[g.add("PixArtSuiteSigmas", model=m, step_grid="dpm_time_uniform", steps=2,
+                                         denoise=1.0), 0], latent_image=[ids["latent"], 0]))
+    g.save("sampler_pag", pixart_sampler(g, ids, model=pag(3.0)[0]))
+    got, _ = g.run(comfy)
+    assert same(got["pag_0"], got["base"])
+    assert apart(got["pag"], got["base"]) and same(got["docs_preset"], got["pag"])
+    assert apart(got["sampler_cfg1"], got["sampler_cfg1_plain"])
+    assert apart(got["kv_pag"], got["kv"]) and apart(got["kv_pag"], got["pag"])
+    assert same(got["custom"], got["sampler_pag"])
+
+
 # --------------------------------------------------------------------------------------------
 # MODEL and CLIP: merges, LoRAs, saving and loading again
 # --------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ PACK_NODES = (
     "PixArtSuiteModelLoader", "PixArtSuiteT5Loader", "PixArtSuiteT5TextEncode", "PixArtSuiteSampler",
     "PixArtSuiteSamplerSelect", "PixArtSuiteSigmas", "PixArtSuiteResolution", "PixArtSuiteResizeCrop",
     "PixArtSuiteKVCompression", "PixArtSuiteControlNetLoader", "PixArtSuiteLoraLoader", "PixArtSuiteValidationLoss",
-    "PixArtSuiteCFGGuider",
+    "PixArtSuiteCFGGuider", "PixArtSuitePAG",
 )
 RELEASED_NAMES = set(fx.RELEASED) | set(cfx.RELEASED)  # PixArt 1024/2K .pth, t5xxl_fp16, sdxl_vae; ControlNets, ESRGAN
 MODEL_INPUTS = ("ckpt_name", "t5_name", "vae_name", "unet_name", "clip_name", "control_net_name", "model_name")
