@@ -312,5 +312,5 @@ def with_kv_compression(model_patcher, kv: KVCompress):
     return patched
 
 
-__all__ = ["CONTROL_KEY", "CheckpointError", "ComfyPixArtDiT", "KV_OPTION", "PAG_OPTION", "PAGRows", "PixArtSuiteModel", "load_model",
-           "pixart_config_of", "with_kv_compression"]
+__all__ = ["CONTROL_KEY", "CheckpointError", "ComfyPixArtDiT", "KV_OPTION", "PAG_OPTION", "PAGRows", "PixArtSuiteModel",
+           "load_model", "pixart_config_of", "with_kv_compression"]

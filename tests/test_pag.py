@@ -181,7 +181,8 @@ def test_bad_layer_strings_are_refused(text, message):
 # the PixArt PAG node, in-process on ComfyUI (the host and tiny models of test_nodes.py)
 # -------------------------------------------------------------------------------------------------
 
-from test_nodes import SIGMA_LATENT_SCALE, empty_latent, env, mask_of, one_sentence, run_sampler, t5_outputs  # noqa: E402,F811
+from test_nodes import SIGMA_LATENT_SCALE, empty_latent, env, mask_of, one_sentence, run_sampler, t5_outputs  # noqa: E402,F401
+from test_nodes import pytestmark as needs_comfy  # noqa: E402  (skipped without the ComfyUI tree, as test_nodes)
 
 
 def core_sample(env, sigmas, seed, cfg, uncond_mask, pag, sampler="dpmpp_2m", kv=None):
@@ -208,6 +209,7 @@ def pag_node(env, model=None, preset="layers below", layers="1", scale=2.0, adap
     return env.n.PixArtSuitePAG.execute(model or env.model, preset, layers, scale, adaptive)[0]
 
 
+@needs_comfy
 @pytest.mark.parametrize("cfg,adaptive", [(4.5, 0.0), (1.0, 0.0), (4.5, 0.002)])
 def test_node_through_the_pack_sampler_equals_core(env, cfg, adaptive):
     from pixart_core.schedule import make_sigmas
@@ -218,6 +220,7 @@ def test_node_through_the_pack_sampler_equals_core(env, cfg, adaptive):
     assert rel_err(got, run_sampler(env, seed=5, steps=3, cfg=cfg)) > 1e-3  # PAG does something
 
 
+@needs_comfy
 def test_node_through_stock_ksampler_and_sampler_custom_advanced_equals_core(env):
     import comfy.sample
     import comfy.samplers
@@ -236,6 +239,7 @@ def test_node_through_stock_ksampler_and_sampler_custom_advanced_equals_core(env
     assert rel_err(custom, run_sampler(env, model=model, seed=9, steps=3)) < 1e-6
 
 
+@needs_comfy
 def test_node_batches_the_perturbed_prompt_with_cfg_and_works_with_kv_compression(env):
     from pixart_core.schedule import make_sigmas
     kv_model = env.n.PixArtSuiteKVCompression.execute(env.model, "0-1", 2, "avgpool")[0]
@@ -257,6 +261,7 @@ def test_node_batches_the_perturbed_prompt_with_cfg_and_works_with_kv_compressio
     assert rel_err(got, want) < 1e-5
 
 
+@needs_comfy
 def test_node_still_guides_when_another_node_replaces_the_batch_function(env):
     """The post-CFG function then evaluates the perturbed prompt itself (one more call per step)."""
     import comfy.samplers
@@ -266,6 +271,7 @@ def test_node_still_guides_when_another_node_replaces_the_batch_function(env):
     assert rel_err(run_sampler(env, model=model, seed=4), run_sampler(env, model=pag_node(env, layers="1"), seed=4)) < 1e-6
 
 
+@needs_comfy
 @pytest.mark.parametrize("layers,message", [("abc", "PAG layers 'abc' is not a layer list"),
                                             ("5-2", "runs backwards"), ("0,7", "this model has layers 0-1")])
 def test_node_bad_layers_are_one_sentence_naming_the_input(env, layers, message):
@@ -279,6 +285,7 @@ def test_node_bad_layers_are_one_sentence_naming_the_input(env, layers, message)
         pag_node(env, model=pag_node(env))
 
 
+@needs_comfy
 def test_stock_pag_on_pixart_points_to_the_node(env):
     import comfy.sample
     import comfy_extras.nodes_pag as stock
