@@ -35,7 +35,7 @@ class _Encode:
     def __call__(self, row):
         chunk = pickle.loads(row["chunk"])
         texts = [t for r in chunk.requests for t in (r.prompt, r.negative)]
-        try:  # the encoder's own cache keeps prompts repeated across chunks
+        try:  # each row stands alone (a row may be redone elsewhere): no cache across chunks
             embeddings = encode_texts(self.encoder, texts, chunk.length, self.settings.t5_batch, {})
             prompt, negative = conditioning(chunk, embeddings)
             cond, error = pickle.dumps((prompt.embeds, prompt.mask, negative.embeds, negative.mask)), ""
