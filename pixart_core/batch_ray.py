@@ -20,8 +20,8 @@ from pathlib import Path
 
 import ray
 
-from .batch import (Models, Settings, Summary, decode_outputs, encode_texts, conditioning, error_text,
-                    record_results, sample_chunk, start_job, write_outputs)
+from .batch import (Models, Progress, Settings, Summary, conditioning, decode_outputs, encode_texts, error_text,
+                    sample_chunk, start_job, write_outputs)
 
 CRASH_ENV = "PIXART_BATCH_CRASH_FILE"  # tests: a sampling actor that finds this file deletes it and dies
 
@@ -102,6 +102,7 @@ def run_ray(jobs, folder, settings: Settings, address: str | None = "auto", acto
     sampling actor (default 1 with a cuda device, else 0); cpus_per_actor: default 1 on CPU, else 0.5."""
     start = time.perf_counter()
     folder, manifest, plan, summary = start_job(jobs, folder, settings, say)
+    report = Progress(manifest, plan, summary, progress)
     say(settings.describe_output() + f" on Ray, {actors} sampling actor(s)")
     if plan.chunks:
         connect(address)
@@ -119,7 +120,6 @@ def run_ray(jobs, folder, settings: Settings, address: str | None = "auto", acto
         if kind == "png":
             ds = ds.map(_Decode, fn_constructor_args=(settings, settings.device if num_gpus else "cpu"),
                         compute=pool(size=1), num_cpus=0.25, num_gpus=min(num_gpus, 1.0))
-        bar = _bar(sum(len(c.keys) for c in plan.chunks), progress)
         seen = set()
         for row in ds.iter_rows():
             chunk = pickle.loads(row["chunk"])
@@ -133,16 +133,5 @@ def run_ray(jobs, folder, settings: Settings, address: str | None = "auto", acto
                 if kind == "latent":
                     payloads = decode_outputs(chunk, payloads, kind, None)
                 results = write_outputs(folder, chunk, payloads, kind, resolution, family)
-            record_results(manifest, plan, results, summary)
-            if bar is not None:
-                bar.update(len(chunk.keys))
-        if bar is not None:
-            bar.close()
-    manifest.compact()
-    summary.seconds = time.perf_counter() - start
-    return summary
-
-
-def _bar(total, enabled):
-    from .batch import _progress
-    return _progress(total, enabled)
+            report.record(results)
+    return report.finish(start)
