@@ -49,8 +49,9 @@ def parse_request(obj) -> Request:
     if unknown:
         raise InputError(f"unknown field(s) {', '.join(unknown)}; the fields are {', '.join(FIELDS)}")
     v = {**FIELDS, **obj}
-    if not isinstance(v["prompt"], str) or not isinstance(v["negative"], str):
-        raise InputError("prompt and negative must be text")
+    for field in ("prompt", "negative"):
+        if not isinstance(v[field], str):
+            raise InputError(f"{field} must be text, not {json.dumps(v[field])}")
     v["seed"] = whole_number("seed", v["seed"], 0, SEED_MAX)
     v["steps"] = whole_number("steps", v["steps"], 1, MAX_STEPS)
     v["guidance"] = real_number("guidance", v["guidance"], 0.0, MAX_GUIDANCE)
@@ -498,8 +499,8 @@ def run_local(jobs, folder, settings: Settings, progress: bool = True, say=print
     from .t5 import load_t5
     start = time.perf_counter()
     folder, manifest, plan, summary = start_job(jobs, folder, settings, say)
-    report = Progress(manifest, plan, summary, progress)
     say(settings.describe_output())
+    report = Progress(manifest, plan, summary, progress)
     if plan.chunks:
         encoder = load_t5(settings.t5, dtype=settings.t5_dtype, device=settings.device,
                           tokenizer_path=settings.tokenizer)

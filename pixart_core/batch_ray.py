@@ -102,8 +102,8 @@ def run_ray(jobs, folder, settings: Settings, address: str | None = "auto", acto
     sampling actor (default 1 with a cuda device, else 0); cpus_per_actor: default 1 on CPU, else 0.5."""
     start = time.perf_counter()
     folder, manifest, plan, summary = start_job(jobs, folder, settings, say)
-    report = Progress(manifest, plan, summary, progress)
     say(settings.describe_output() + f" on Ray, {actors} sampling actor(s)")
+    report = Progress(manifest, plan, summary, progress)
     if plan.chunks:
         connect(address)
         gpu = settings.device.startswith("cuda")
