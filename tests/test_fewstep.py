@@ -268,3 +268,30 @@ def test_lcm_with_denoise_keeps_the_tail_of_a_longer_lcm_grid():
     tail = S.make_sigmas("lcm", 2, denoise=0.5)
     assert torch.equal(tail, S.make_sigmas("lcm", 4)[-3:])
     assert np.all(np.diff(tail.numpy()) < 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# the CLI
+# --------------------------------------------------------------------------------------------------
+
+def test_cli_sampling_preset_is_the_explicit_settings(tmp_path, capsys):
+    from pixart_core.__main__ import main
+    from pixart_core.config import tiny
+    from pixart_core.loading import save_checkpoint
+    from tests.t5_fixtures import write_tiny_t5_hf_folder
+    core = random_model(tiny(model_max_length=300))
+    pth = save_checkpoint(core.state_dict(), core.config, tmp_path / "tiny-256.pth")
+    t5 = write_tiny_t5_hf_folder(tmp_path / "t5" / "text_encoder")
+    gen = ["generate", "--model", str(pth), "--t5", str(t5), "--t5-dtype", "fp32", "--prompt", "a cat",
+           "--height", "256", "--width", "256", "--seed", "3"]
+    assert main(gen + ["--sampling-preset", "lcm_4step", str(tmp_path / "a.latent")]) in (0, None)
+    assert "LCM 4 steps" in capsys.readouterr().out
+    assert main(gen + ["--sampler", "lcm", "--grid", "lcm", "--steps", "4", "--guidance", "1",
+                       str(tmp_path / "b.latent")]) in (0, None)
+    assert (tmp_path / "a.latent").read_bytes() == (tmp_path / "b.latent").read_bytes()
+    assert main(gen + ["--sampling-preset", "dmd_1step", str(tmp_path / "c.latent")]) in (0, None)
+    assert (tmp_path / "c.latent").read_bytes() != (tmp_path / "a.latent").read_bytes()
+    assert main(gen + ["--sampling-preset", "lcm_8step", str(tmp_path / "d.latent")]) == 2
+    assert "invalid choice: 'lcm_8step'" in capsys.readouterr().err
+    assert main(gen + ["--grid", "dmd", "--steps", "4", str(tmp_path / "e.latent")]) == 2
+    assert "set steps to 1" in capsys.readouterr().err
