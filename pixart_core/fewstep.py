@@ -3,7 +3,8 @@
 Each preset is what the model's own card or demo runs, so a user picks "LCM 4 steps" without knowing
 the numbers:
 - PixArt-LCM (PixArt-alpha/PixArt-LCM-XL-2-1024-MS): diffusers' LCMScheduler, 4 steps (timesteps
-  999, 759, 499, 259), no classifier-free guidance.
+  999, 759, 499, 259), no classifier-free guidance; PixArt's linear β schedule, 50 original steps and
+  timestep scaling 10, as the official train_scripts/train_pixart_lcm.py validates with.
 - PixArt-α-DMD (PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512): one step at timestep 400 from pure noise,
   returning the x0 prediction (the demo's DDPMScheduler with timesteps=[400] and guidance 1, whose
   one-step pipeline returns `pred_original_sample`).
