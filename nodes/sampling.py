@@ -67,7 +67,7 @@ class PriorStartKSAMPLER(comfy.samplers.KSAMPLER):
 def pixart_ksampler(sampler_name: str, eta: float | None = None, prior_start: bool = False) -> comfy.samplers.KSAMPLER:
     """A ComfyUI SAMPLER running pixart_core's sampler `sampler_name` (prior_start: see PriorStartKSAMPLER).
 
-    Stochastic samplers (sa_solver, ddim with eta > 0) draw their step noise from a CPU generator seeded
+    Stochastic samplers (sa_solver, ddim with eta > 0, lcm) draw their step noise from a CPU generator seeded
     with the sampling seed + 1 (not the seed itself, whose first draw is the initial noise), so results
     are reproducible per seed and identical on every device.
     """
