@@ -81,6 +81,10 @@ def _generate(args):
         print(f"applied {args.lora}" + (f" ({len(skipped)} modules not applied: {reasons})" if skipped else ""))
     if args.kv_layers is not None:
         model.kv_compress = KVCompress(parse_layers(args.kv_layers, model.config.depth), args.kv_ratio, args.kv_mode)
+    pag = None
+    if args.pag_layers is not None:
+        from .guidance import PAG, pag_layers
+        pag = PAG(pag_layers(args.pag_layers, model.config.depth), args.pag_scale, args.pag_adaptive_scale)
     encoder = _load_t5(args)
     length = model.config.model_max_length
     prompt = Conditioning(*encoder.encode([args.prompt], max_length=length))
@@ -95,7 +99,7 @@ def _generate(args):
     result = generate(model, prompt, negative, height=args.height, width=args.width, steps=steps,
                       guidance=guidance, sampler=sampler, grid=grid, seed=args.seed,
                       batch=args.batch, null_mode=args.null_mode, binning=not args.no_binning, progress_bar=True,
-                      official_end=args.official_end, aspect_condition=args.aspect_condition)
+                      official_end=args.official_end, aspect_condition=args.aspect_condition, pag=pag)
     out = save_latents(out, result)
     print(f"wrote {out}: {result.width}x{result.height} px latents (requested "
           f"{result.requested[1]}x{result.requested[0]}), seed {result.seed}")
@@ -160,6 +164,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from .loading import DTYPES
+    from .guidance import MAX_ADAPTIVE_SCALE, MAX_PAG_SCALE, pag_layers_syntax
     from .model import layer_list_syntax
     from .fewstep import SAMPLING_PRESETS
     from .samplers import SAMPLERS
@@ -239,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-mode", default="avgpool", choices=["avgpool", "conv", "ave", "uniform"])
     p.add_argument("--lora", default=None, help="a PixArt LoRA to merge into the weights (any trainer's format)")
     p.add_argument("--lora-strength", type=argument(real_number, -100.0, 100.0), default=1.0)
+    p.add_argument("--pag-layers", default=None, type=cli_type(pag_layers_syntax),
+                   help='perturbed-attention guidance on these blocks, e.g. "14", "10-19", or diffusers-default '
+                        '(its "blocks.1": blocks 1 and 10-19) / diffusers-docs ("blocks.14"); default: no PAG')
+    p.add_argument("--pag-scale", type=argument(real_number, 0.0, MAX_PAG_SCALE), default=3.0)
+    p.add_argument("--pag-adaptive-scale", type=argument(real_number, 0.0, MAX_ADAPTIVE_SCALE), default=0.0,
+                   help="PAG scale at timestep t: max(0, scale - this * (1000 - t)); 0 = constant")
     p.add_argument("output", help="output .latent file")
     p.set_defaults(run=_generate)
 

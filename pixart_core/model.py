@@ -311,14 +311,31 @@ class SelfAttention(nn.Module):
         self.norm.weight.fill_(1.0)
         self.norm.bias.zero_()
 
-    def forward(self, x, hw, kv: KVCompress | None = None):
-        return self.proj(self.attend(x, hw, kv))
+    def forward(self, x, hw, kv: KVCompress | None = None, identity: tuple[int, ...] | None = None):
+        return self.proj(self.attend(x, hw, kv, identity))
 
-    def attend(self, x, hw, kv: KVCompress | None = None):
-        """The attention up to (not including) the output projection: (B, N, D) -> (B, N, D)."""
-        B, N, D = x.shape
-        heads, hd = self.num_heads, D // self.num_heads
+    def attend(self, x, hw, kv: KVCompress | None = None, identity: tuple[int, ...] | None = None):
+        """The attention up to (not including) the output projection: (B, N, D) -> (B, N, D).
+
+        identity: batch rows whose attention map is the identity (perturbed-attention guidance): each
+        token attends to itself only, so those rows get their value projection. Under KV compression
+        that is each token's own, uncompressed value: identity attention has no keys to pool."""
         qkv = self.qkv(x)  # (B, N, 3D)
+        if not identity:
+            return self._attention(qkv, hw, kv)
+        B, N, D = x.shape
+        rows = torch.zeros(B, dtype=torch.bool, device=x.device)
+        rows[list(identity)] = True
+        out = torch.empty(B, N, D, dtype=qkv.dtype, device=qkv.device)
+        out[rows] = qkv[rows, :, 2 * D:]
+        if not rows.all():
+            out[~rows] = self._attention(qkv[~rows], hw, kv)
+        return out
+
+    def _attention(self, qkv, hw, kv: KVCompress | None = None):
+        """(B, N, 3D) fused q/k/v -> (B, N, D) attention output, before the output projection."""
+        B, N, D = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        heads, hd = self.num_heads, D // self.num_heads
         if kv is None and self.q_norm is None:
             # one copy into head-major q, k, v: SDPA runs faster on contiguous heads than on strided views
             q, k, v = qkv.view(B, N, 3, heads, hd).permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # (B, heads, N, hd)
@@ -407,13 +424,14 @@ class PixArtBlock(nn.Module):
         self.scale_shift_table = table_layer(operations)(6, D, dtype=dtype, device=device)
         load_tables_by_official_names(self)
 
-    def forward(self, x, y, t0, mask, hw, kv=None, ff_chunk=None, shared=False):
+    def forward(self, x, y, t0, mask, hw, kv=None, ff_chunk=None, shared=False, identity=None):
         """x (B, N, D) is updated in place when no gradient is needed. shared: all samples have the
-        same t0 (same timestep), which lets the modulation and gates fold into the neighbouring ops."""
+        same t0 (same timestep), which lets the modulation and gates fold into the neighbouring ops.
+        identity: batch rows whose self-attention is the identity (SelfAttention.attend)."""
         B, N, D = x.shape
         mod = self.scale_shift_table.get(x)[None] + t0.view(B, 6, D)  # (B, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)  # each (B, 1, D)
-        h = self.attn.attend(modulated_norm(x, shift_msa, scale_msa, shared), hw, kv)  # (B, N, D), before proj
+        h = self.attn.attend(modulated_norm(x, shift_msa, scale_msa, shared), hw, kv, identity)  # (B, N, D), before proj
         x = add_gated(x, gate_msa, self.attn.proj, h, shared)
         cross = self.cross_attn(x, y, mask)  # (B, N, D)
         x = x + cross if torch.is_grad_enabled() else x.add_(cross)
@@ -428,6 +446,19 @@ class PixArtBlock(nn.Module):
         return out
 
 
+@dataclass(frozen=True)
+class PerturbedAttention:
+    """Perturbed-attention guidance's perturbation: in the model's blocks `layers`, the self-attention of
+    batch rows `rows` is the identity (each token attends to itself only). None rows: the whole batch."""
+    layers: tuple[int, ...]
+    rows: tuple[int, ...] | None = None
+
+    def rows_for(self, i: int, batch: int) -> tuple[int, ...] | None:
+        if i not in self.layers:
+            return None
+        return tuple(range(batch)) if self.rows is None else self.rows
+
+
 @dataclass
 class BlockInputs:
     """What every block sees in one forward call besides the token stream. `run` is the one place a
@@ -440,9 +471,14 @@ class BlockInputs:
     kv: KVCompress
     ff_chunk: int | None
     shared: bool  # all samples share t0 (one timestep, always so under CFG)
+    perturb: PerturbedAttention | None = None
 
-    def run(self, block: PixArtBlock, i: int, tokens: torch.Tensor) -> torch.Tensor:
-        return block(tokens, self.y, self.t0, self.mask, self.hw, self.kv.for_layer(i), self.ff_chunk, self.shared)
+    def run(self, block: PixArtBlock, i: int, tokens: torch.Tensor, own: bool = False) -> torch.Tensor:
+        """own: block i is the model's own (perturbed when `perturb` says so). A ControlNet's copy of
+        block i is not: PAG perturbs the denoiser, as diffusers' processors do, not its control branch."""
+        identity = self.perturb.rows_for(i, tokens.shape[0]) if own and self.perturb is not None else None
+        return block(tokens, self.y, self.t0, self.mask, self.hw, self.kv.for_layer(i), self.ff_chunk, self.shared,
+                     identity)
 
 
 class BlockReplace(Protocol):
@@ -590,9 +626,9 @@ class PixArt(nn.Module):
         for i, block in enumerate(self.blocks):
             swap = replace.get(i) if replace else None
             if swap is None:
-                tokens = inputs.run(block, i, tokens)  # (B, N, D)
+                tokens = inputs.run(block, i, tokens, own=True)  # (B, N, D)
             else:
-                tokens = swap(tokens, inputs, lambda t, inp, block=block, i=i: inp.run(block, i, t.clone()))
+                tokens = swap(tokens, inputs, lambda t, inp, block=block, i=i: inp.run(block, i, t.clone(), own=True))
             for extra in [e for hook in hooks if (e := hook.after_block(i, tokens, inputs)) is not None]:
                 tokens = tokens + extra if torch.is_grad_enabled() else tokens.add_(extra)
         return tokens
@@ -607,7 +643,8 @@ class PixArt(nn.Module):
 
     def forward(self, x, timesteps, context, context_mask=None, c_size=None, c_ar=None,
                 kv_compress: KVCompress | None = None, controls: Sequence = (),
-                block_replace: Mapping[int, BlockReplace] | None = None, **kwargs):
+                block_replace: Mapping[int, BlockReplace] | None = None,
+                perturb: PerturbedAttention | None = None, **kwargs):
         """
         x: (B, C_in, H, W) latent, H and W divisible by the patch size.
         timesteps: (B,) float, 0..999 scale (non-integer allowed).
@@ -617,6 +654,7 @@ class PixArt(nn.Module):
         kv_compress: per-call override of the configured KV compression.
         controls: ControlNets to apply (controlnet.ControlInput: net, hint latent, strength); they add up.
         block_replace: {block index: BlockReplace} run instead of those blocks (see run_blocks).
+        perturb: identity self-attention in some blocks for some batch rows (perturbed-attention guidance).
         Returns (B, C_out, H, W): ε in the first C_in channels, the learned variance in the rest.
         """
         cfg = self.config
@@ -646,7 +684,10 @@ class PixArt(nn.Module):
 
         kv = kv_compress if kv_compress is not None else self.kv_compress
         shared = B == 1 or bool((t0 == t0[:1]).all())  # one timestep for the batch (always under CFG)
-        inputs = BlockInputs(y, t0, mask, (h, w), kv, self.ff_chunk, shared)
+        if perturb is not None and perturb.layers and max(perturb.layers) >= cfg.depth:
+            raise InputError(f"perturbed-attention layers {list(perturb.layers)} name block {max(perturb.layers)}, "
+                             f"but this model has blocks 0-{cfg.depth - 1}")
+        inputs = BlockInputs(y, t0, mask, (h, w), kv, self.ff_chunk, shared, perturb)
         hooks = [hook for c in controls if (hook := c.start(self, inputs)) is not None]
         tokens = self.run_blocks(tokens, inputs, hooks, block_replace)  # (B, N, D)
         tokens = self.final_layer(tokens, t)  # (B, N, p·p·C_out)

@@ -16,6 +16,7 @@ import torch
 from . import bins, checks, schedule
 from .checks import InputError
 from .files import save_result
+from .guidance import PAG
 from .model import PixArt
 from .samplers import SAMPLERS, PixArtDenoiser, per_row_noise_sampler
 
@@ -101,7 +102,7 @@ def generate(model: PixArt, prompt: Conditioning, negative: Conditioning, *, hei
              guidance=4.5, sampler="dpmpp_2m", grid="dpm_time_uniform", seed=0, batch=1, null_mode="prompt_mask",
              binning=True, denoise=1.0, init_latents=None, callback: Callable[[int, int], None] | None = None,
              should_stop: Callable[[], bool] | None = None, progress_bar=False, official_end=False,
-             aspect_condition="bin_key", seeds=None) -> Generated:
+             aspect_condition="bin_key", seeds=None, pag=None) -> Generated:
     """Sample latents for encoded prompts. Sizes are snapped to the model's aspect-ratio bins unless
     binning=False; init_latents (VAE space) with denoise<1 is img2img.
 
@@ -111,6 +112,7 @@ def generate(model: PixArt, prompt: Conditioning, negative: Conditioning, *, hei
     inference does, "height_width" passes height/width as diffusers does.
     seeds (a list, one per sample; replaces seed and batch) gives each sample its own noise generators,
     so a sample is the same whatever else is in the batch (batch jobs: pixart_core.batch).
+    pag (guidance.PAG): perturbed-attention guidance, a third batch part per step (see guidance.py).
     """
     cfg = model.config
     height = cfg.resolution if height is None else height
@@ -139,7 +141,14 @@ def generate(model: PixArt, prompt: Conditioning, negative: Conditioning, *, hei
         raise InputError(f"the prompt embeddings are {prompt.embeds.shape[-1]} wide but the model expects "
                          f"{cfg.caption_channels}: use the T5 encoder that matches the model")
     device = next(model.parameters()).device
-    check_sampling_fits(batch, gen_h // 8, gen_w // 8, device, cfg.hidden_size, cfg.patch_size)
+    if pag is not None and not isinstance(pag, PAG):
+        raise InputError(f"pag must be a pixart_core.guidance.PAG, got {type(pag).__name__}")
+    if pag is not None and pag.layers and max(pag.layers) >= cfg.depth:
+        raise InputError(f"PAG layers {list(pag.layers)} name block {max(pag.layers)}, but this model has blocks "
+                         f"0-{cfg.depth - 1}")
+    # sampling_bytes counts two CFG parts; PAG adds a third
+    fit_batch = -(-batch * 3 // 2) if pag is not None and pag.active else batch
+    check_sampling_fits(fit_batch, gen_h // 8, gen_w // 8, device, cfg.hidden_size, cfg.patch_size)
     if official_end:
         sigmas = schedule.sigmas_dpm_time_uniform(checks.whole_number("steps", steps, 1, schedule.MAX_STEPS),
                                                   keep_sigma_min=True).to(device)
@@ -163,7 +172,7 @@ def generate(model: PixArt, prompt: Conditioning, negative: Conditioning, *, hei
     c_ar = torch.tensor([[gen_h / gen_w]], device=device) if aspect_condition == "height_width" else None
     extra = dict(context=prompt.embeds.to(device), context_mask=prompt.mask.to(device),
                  uncond_context=uncond.embeds.to(device), uncond_mask=uncond.mask.to(device),
-                 cfg_scale=guidance, c_size=c_size, c_ar=c_ar)
+                 cfg_scale=guidance, c_size=c_size, c_ar=c_ar, pag=pag)
     total = len(sigmas) - 1
 
     def on_step(info):

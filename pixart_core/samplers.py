@@ -260,13 +260,17 @@ def _pad_tokens(context, mask, length: int):
 
 
 class PixArtDenoiser:
-    """Wraps a PixArt ε-model (learned-variance output) as a k-diffusion denoiser D(x; σ) with batched CFG."""
+    """Wraps a PixArt ε-model (learned-variance output) as a k-diffusion denoiser D(x; σ) with batched CFG,
+    and with perturbed-attention guidance when given `pag` (guidance.PAG): diffusers' batch order,
+    [uncond, cond, cond perturbed] (CFG 1: [cond, cond perturbed]), one model call per step."""
 
     def __init__(self, model):
         self.model = model
 
     def __call__(self, x, sigma, context, context_mask=None, uncond_context=None, uncond_mask=None,
-                 cfg_scale=1.0, c_size=None, c_ar=None):
+                 cfg_scale=1.0, c_size=None, c_ar=None, pag=None):
+        from .guidance import apply_pag
+        from .model import PerturbedAttention
         b, c = x.shape[0], x.shape[1]
         sigma = torch.as_tensor(sigma, device=x.device).reshape(-1)
         sigma = sigma.expand(b) if sigma.numel() == 1 else sigma
@@ -277,18 +281,36 @@ class PixArtDenoiser:
         context = _fit_batch(context, b, "context")
         context_mask = _fit_batch(context_mask, b, "context_mask")
         c_size, c_ar = _fit_batch(c_size, b, "c_size"), _fit_batch(c_ar, b, "c_ar")
+        use_cfg = uncond_context is not None and cfg_scale != 1.0
+        use_pag = pag is not None and pag.active
 
-        if uncond_context is None or cfg_scale == 1.0:
+        if not use_cfg and not use_pag:
             out = self.model(x_in, timesteps, context, context_mask=context_mask, c_size=c_size, c_ar=c_ar)
             eps = out[:, :c]  # channels c.. are the learned variance, unused by these samplers
-        else:
+            return x - eps.to(x.dtype) * sigma.view(bshape).to(x.dtype)
+        if use_cfg:
             ctx, mask = self._cfg_context(b, context, context_mask, _fit_batch(uncond_context, b, "uncond_context"),
                                           _fit_batch(uncond_mask, b, "uncond_mask"))
-            dup = (lambda v: None if v is None else torch.cat([v, v]))
-            out = self.model(torch.cat([x_in, x_in]), torch.cat([timesteps, timesteps]), ctx, context_mask=mask,
-                             c_size=dup(c_size), c_ar=dup(c_ar))
-            eps_uncond, eps_cond = out[:, :c].chunk(2)
+        else:
+            ctx, mask = context, context_mask
+        parts = 2 if use_cfg else 1
+        if use_pag:  # the prompt once more, at the end of the batch, with identity self-attention
+            ctx = torch.cat([ctx, ctx[-b:]])
+            mask = None if mask is None else torch.cat([mask, mask[-b:]])
+            perturb = PerturbedAttention(pag.layers, tuple(range(parts * b, (parts + 1) * b)))
+            parts += 1
+        rep = (lambda v: None if v is None else torch.cat([v] * parts))
+        out = self.model(rep(x_in), rep(timesteps), ctx, context_mask=mask, c_size=rep(c_size), c_ar=rep(c_ar),
+                         **({"perturb": perturb} if use_pag else {}))
+        chunks = out[:, :c].chunk(parts)
+        if use_cfg:
+            eps_uncond, eps_cond = chunks[0], chunks[1]
             eps = eps_uncond + cfg_scale * (eps_cond - eps_uncond)
+        else:
+            eps = eps_cond = chunks[0]
+        if use_pag:
+            scale = torch.tensor([pag.scale_at(t) for t in timesteps.tolist()], dtype=eps.dtype, device=eps.device)
+            eps = apply_pag(eps, eps_cond, chunks[-1], scale.view(bshape))
         return x - eps.to(x.dtype) * sigma.view(bshape).to(x.dtype)
 
     @staticmethod
