@@ -40,6 +40,11 @@ RESULTS = REPO / "benchmarks" / "results"
 DEFAULT_CACHE = Path(os.environ.get("PIXART_MEMORY_CACHE", Path.home() / ".cache" / "pixart_workflow_memory"))
 FULL_DEPTH = 28
 CONTROLNET_COPIES = 13  # the released PixArt-δ ControlNet-Half copies blocks 0..12
+# copy i feeds base block i + 1, so a reduced-depth ControlNet run has depth - 1 copies
+CONTROLNET_WORKFLOWS = {"controlnet_canny": "pixart_sigma_controlnet_canny.safetensors",
+                        "controlnet_hed_alpha": "PixArt-XL-2-1024-ControlNet.pth"}
+TRAIN_MIN_STEPS = 2  # the stock LossGraphNode divides by steps - 1
+ESRGAN_X4 = dict(num_feat=64, num_block=23, num_grow=32)  # RealESRGAN_x4plus
 STEP_KEYS = {"PixArtSuiteSampler": "steps", "KSampler": "steps", "PixArtSuiteSigmas": "steps", "TrainLoraNode": "steps"}
 KV_CLASS = "PixArtSuiteKVCompression"
 WORKFLOWS = ("txt2img_1024", "img2img", "controlnet_canny", "txt2img_2k", "train_lora", "txt2img_4k_kv_compression",
@@ -170,13 +175,18 @@ def write_models(cache: Path, depth: int) -> dict:
     from safetensors.torch import save_file
     models = cache / f"models_depth{depth}"
     info_path = models / "info.json"
-    if info_path.is_file():
-        return json.loads(info_path.read_text())
     t5 = cache / "shared" / "t5xxl_fp16.safetensors"
     if not t5.is_file():
         log.info("writing the 24-layer T5-XXL fp16 (9.5 GB) to %s", t5)
         write_t5(t5)
     vae = cache / "shared" / "sdxl_vae.safetensors"
+    esrgan = cache / "shared" / "RealESRGAN_x4plus.pth"
+    if not esrgan.is_file():
+        torch.save({"params_ema": rrdbnet_state_dict(**ESRGAN_X4)}, esrgan)
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        if info.get("controlnet_copies") == controlnet_copies(depth):
+            return info
     if not vae.is_file():
         from diffusers import AutoencoderKL
         net = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
@@ -193,18 +203,60 @@ def write_models(cache: Path, depth: int) -> dict:
     from pixart_core.controlnet import save_controlnet
     from pixart_fixtures import random_controlnet
     from pixart_core.config import preset
-    cn_sd = random_controlnet(preset("sigma-1024-ms"), num_blocks=depth).state_dict()
+    copies = controlnet_copies(depth)
+    cn_sd = random_controlnet(preset("sigma-1024-ms"), num_blocks=copies).state_dict()
     # copies 1..12 hold a block and an after_proj; only copy 0 has the before_proj
     info["controlnet_copy_bytes_fp32"] = sum(v.numel() * v.element_size() for k, v in cn_sd.items()
                                              if k.startswith("controlnet.0.") and "before_proj" not in k)
-    save_controlnet(cn_sd, models / "controlnet" / "pixart_sigma_controlnet_canny.safetensors", layout="diffusers")
-    for sub, f in (("text_encoders", t5), ("vae", vae)):
+    info["controlnet_copies"] = copies
+    save_controlnet(cn_sd, models / "controlnet" / CONTROLNET_WORKFLOWS["controlnet_canny"], layout="diffusers")
+    del cn_sd
+    # PixArt-α 1024-MS + its HED ControlNet-Half in one official .pth (base_model.*, controlnet.*)
+    sd, config = pixart_state_dict("alpha-1024-ms", depth)
+    sd = {f"base_model.{k}": v for k, v in sd.items()}
+    net = random_controlnet(config, num_blocks=copies).controlnet.state_dict()
+    sd.update({f"controlnet.{k}": v.detach().float().contiguous() for k, v in net.items()})
+    torch.save({"state_dict": sd}, models / "controlnet" / CONTROLNET_WORKFLOWS["controlnet_hed_alpha"])
+    info["alpha_block_bytes_fp32"] = block_bytes(sd, "base_model.blocks.0.")
+    info["alpha_controlnet_copy_bytes_fp32"] = block_bytes(sd, "controlnet.0.") - block_bytes(sd, "controlnet.0.before_proj")
+    del sd, net
+    # the SD1.5 VAE (vae-ft-ema) has the SDXL VAE's architecture and size; only its latent scale differs
+    for sub, f, name in (("text_encoders", t5, t5.name), ("vae", vae, vae.name),
+                         ("vae", vae, "vae-ft-ema-560000-ema-pruned.safetensors"),
+                         ("upscale_models", esrgan, esrgan.name)):
         (models / sub).mkdir(parents=True, exist_ok=True)
-        link = models / sub / f.name
+        link = models / sub / name
         if not link.exists():
             link.symlink_to(f)
     info_path.write_text(json.dumps(info, indent=2))
     return info
+
+
+def controlnet_copies(depth: int) -> int:
+    return max(depth - 1, 1)
+
+
+def rrdbnet_state_dict(num_feat: int, num_block: int, num_grow: int, scale: int = 4, seed: int = 0) -> dict:
+    """Real-ESRGAN's RRDBNet in its own key names (conv_first, body.N.rdbK.convJ, conv_body, conv_upI,
+    conv_hr, conv_last), random values."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+
+    def conv(prefix, n_in, n_out):
+        return {prefix + "weight": torch.randn(n_out, n_in, 3, 3, generator=g) * (n_in * 9) ** -0.5,
+                prefix + "bias": torch.zeros(n_out)}
+
+    sd = conv("conv_first.", 3, num_feat)
+    for b in range(num_block):
+        for k in (1, 2, 3):
+            for j in range(1, 6):
+                sd.update(conv(f"body.{b}.rdb{k}.conv{j}.", num_feat + (j - 1) * num_grow, num_feat if j == 5 else num_grow))
+    sd.update(conv("conv_body.", num_feat, num_feat))
+    for i in range(1, {2: 1, 4: 2}[scale] + 1):
+        sd.update(conv(f"conv_up{i}.", num_feat, num_feat))
+    sd.update(conv("conv_hr.", num_feat, num_feat))
+    sd.update(conv("conv_last.", num_feat, 3))
+    return sd
 
 
 def write_inputs(input_dir: Path, comfy_dir: Path) -> None:
@@ -218,6 +270,9 @@ def write_inputs(input_dir: Path, comfy_dir: Path) -> None:
     for i in range(2):
         Image.fromarray(rng.integers(0, 255, (1024, 1024, 3), dtype=np.uint8)).save(data / f"img{i}.png")
         (data / f"img{i}.txt").write_text(f"a photo number {i} of a small cactus")
+    sys.path.insert(0, str(REPO / "tests" / "e2e"))
+    from controlnet_model_fixtures import HED_MAP, write_hed_map
+    write_hed_map(input_dir / HED_MAP, 1024, 1024)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,25 +288,59 @@ def read_status(pid: int) -> dict:
     return out
 
 
+def log_stage(text: str, previous: str) -> str:
+    """The last server-log line that is not a progress bar: which loader / node is running."""
+    for line in reversed(text.replace("\r", "\n").splitlines()):
+        line = line.strip()
+        if line and "it/s]" not in line and "s/it]" not in line and "%|" not in line:
+            return line[:120]
+    return previous
+
+
 class Sampler(threading.Thread):
-    def __init__(self, pid: int, every: float = 0.1):
+    """Samples /proc/<pid>/status; also keeps the peak per stage of the server log, so a run stopped
+    at its time cap still says what it had reached and what each stage needed."""
+
+    def __init__(self, pid: int, log_path: Path | None = None, every: float = 0.1):
         super().__init__(daemon=True)
         self.pid, self.every, self.stop_flag = pid, every, threading.Event()
+        self.log_path, self.log_offset = log_path, log_path.stat().st_size if log_path and log_path.exists() else 0
         self.peak = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
         self.at_peak = {}
         self.last = {}
+        self.stage, self.stages = "start", {}  # stage -> [first seen s, peak VmRSS, peak RssAnon]
+        self.t0 = time.monotonic()
+
+    def _read_stage(self):
+        if self.log_path is None:
+            return
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self.log_offset)
+                new = f.read()
+        except OSError:
+            return
+        if new:
+            self.log_offset += len(new)
+            self.stage = log_stage(new.decode("utf-8", "replace"), self.stage)
 
     def run(self):
+        n = 0
         while not self.stop_flag.is_set():
             try:
                 s = read_status(self.pid)
             except (OSError, ValueError):
                 break
+            if n % 10 == 0:
+                self._read_stage()
+            n += 1
             self.last = s
             for k in self.peak:
                 self.peak[k] = max(self.peak[k], s.get(k, 0))
             if s.get("VmRSS", 0) >= self.peak["VmRSS"]:
-                self.at_peak = s
+                self.at_peak = {**s, "stage": self.stage}
+            st = self.stages.setdefault(self.stage, [round(time.monotonic() - self.t0), 0, 0])
+            st[1], st[2] = max(st[1], s.get("VmRSS", 0)), max(st[2], s.get("RssAnon", 0))
             time.sleep(self.every)
 
 
@@ -262,7 +351,7 @@ def prepare_prompt(host, name: str, steps: int, depth: int) -> dict:
     for entry in api.values():
         key = STEP_KEYS.get(entry["class_type"])
         if key:
-            entry["inputs"][key] = steps
+            entry["inputs"][key] = max(steps, TRAIN_MIN_STEPS) if entry["class_type"] == "TrainLoraNode" else steps
         if entry["class_type"] == KV_CLASS and depth < FULL_DEPTH:
             # the blocks that stay uncompressed (0-13) are the larger per-block peak: run them
             entry["inputs"]["layers"] = "none"
@@ -281,20 +370,23 @@ def measure(name: str, models: Path, base: Path, steps: int, depth: int, timeout
     with host:
         idle = read_status(host.proc.pid)
         api = prepare_prompt(host, name, steps, depth)
-        sampler = Sampler(host.proc.pid)
+        sampler = Sampler(host.proc.pid, host.log_path)
         sampler.start()
+        capped = False
         try:
             entry = host.wait(host.queue(api), timeout=timeout, poll=0.5)
             ok, error = True, None
             del entry
         except comfy_host.HostError as e:
             ok, error = False, str(e)[:2000]
+            capped = "not finished after" in str(e)
         final = read_status(host.proc.pid)
         sampler.stop_flag.set()
         sampler.join()
     return {"workflow": name, "ok": ok, "error": error, "steps": steps, "depth": depth,
             "wall_s": round(time.monotonic() - t0, 1), "idle": idle, "peak_vmhwm": final.get("VmHWM"),
-            "peak_sampled": sampler.peak, "at_peak": sampler.at_peak}
+            "peak_sampled": sampler.peak, "at_peak": sampler.at_peak, "capped": capped,
+            "timeout_s": timeout, "stages": sampler.stages, "last_stage": sampler.stage}
 
 
 TRAIN_TOKENS = {"train_lora": 4096, "train_lora_resolution_2k": 16384, "train_lora_kv_compression_4k": 16384}
@@ -306,8 +398,11 @@ def extrapolate(result: dict, info: dict, cn_copies: int = CONTROLNET_COPIES) ->
     of the blocks left out, the ControlNet copies left out, and for training the per-block extras."""
     name, depth = result["workflow"], result["depth"]
     add = missing_bytes(depth, FULL_DEPTH, info["block_bytes_fp32"]) * (2 if name in TWO_MODELS else 1)
-    if name == "controlnet_canny":
-        add += missing_bytes(depth, cn_copies, info["controlnet_copy_bytes_fp32"])
+    if name == "controlnet_hed_alpha":  # the α base replaces the Σ one
+        add = missing_bytes(depth, FULL_DEPTH, info["alpha_block_bytes_fp32"])
+        add += missing_bytes(info["controlnet_copies"], cn_copies, info["alpha_controlnet_copy_bytes_fp32"])
+    elif name == "controlnet_canny":
+        add += missing_bytes(info.get("controlnet_copies", depth), cn_copies, info["controlnet_copy_bytes_fp32"])
     if name in TRAIN_TOKENS:
         add += missing_bytes(depth, FULL_DEPTH, train_extra_per_block(TRAIN_TOKENS[name]))
     return {"added_bytes": add, "peak_full_bytes": result["peak_vmhwm"] + add,
@@ -320,6 +415,13 @@ def table(results: list[dict]) -> str:
              "|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (WORKFLOWS.index(r["workflow"]) if r["workflow"] in WORKFLOWS else 99,
                                             r["depth"], r["steps"])):
+        if r.get("capped"):
+            lines.append(f"| `{r['workflow']}` | stopped at the {r['timeout_s']:.0f} s cap in \"{r['last_stage'][:70]}\": "
+                         f"{r['peak_vmhwm'] / GIB:.2f} / {r['peak_sampled']['RssAnon'] / GIB:.2f} GiB so far "
+                         f"(d = {r['depth']}, {r['steps']} step{'s' if r['steps'] > 1 else ''}) | "
+                         f"{r['added_bytes'] / GIB:.2f} GiB | **≥ {r['peak_full_bytes'] / GIB:.1f} GiB** | "
+                         f"**≥ {r['peak_anon_full_bytes'] / GIB:.1f} GiB** | {r['wall_s']:.0f} |")
+            continue
         if not r["ok"]:
             lines.append(f"| `{r['workflow']}` | failed: {(r['error'] or '')[:160]!r} | | | | {r['wall_s']:.0f} |")
             continue
@@ -334,7 +436,7 @@ def report(path: Path) -> str:
     """Recompute the 28-block figures of every stored run and rewrite the .md table."""
     done = json.loads(path.read_text())
     for r in done["runs"]:
-        if r["ok"]:
+        if r["ok"] or r.get("capped"):
             r.update(extrapolate(r, done["info"][f"depth{r['depth']}"]))
     path.write_text(json.dumps(done, indent=2))
     text = table(done["runs"])
@@ -356,12 +458,14 @@ def main(argv=None) -> int:
     if args.report:
         print(report(args.out))
         return 0
+    if args.depth < 2 and set(args.workflows) & set(CONTROLNET_WORKFLOWS):
+        parser.error("the ControlNet workflows need --depth 2 or more: ControlNet copy i feeds base block i + 1")
     info = write_models(args.cache, args.depth)
     done = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": []}
     for name in args.workflows:
         log.info("== %s (depth %d, %d step)", name, args.depth, args.steps)
         r = measure(name, args.cache / f"models_depth{args.depth}", args.cache / "base", args.steps, args.depth, args.timeout)
-        if r["ok"]:
+        if r["ok"] or r["capped"]:
             r.update(extrapolate(r, info))
         log.info("%s: %s", name, json.dumps({k: r.get(k) for k in ("ok", "peak_vmhwm", "peak_full_bytes", "wall_s", "error")}))
         done["runs"] = [x for x in done["runs"] if (x["workflow"], x["depth"], x["steps"]) != (name, args.depth, args.steps)]

@@ -20,6 +20,7 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
+from ..pixart_core import fewstep
 from ..pixart_core import samplers as core_samplers
 from ..pixart_core import schedule
 from ..pixart_core.model import caption_mask, masked_captions
@@ -30,15 +31,21 @@ from .text_encoder import OUTPUTS_KEY
 
 log = logging.getLogger("PixArt-Σ")
 
-SAMPLER_NAMES = ("dpmpp_2m", "sa_solver", "euler", "ddim")
-STEP_GRIDS = ("dpm_time_uniform", "linspace", "leading", "trailing", "karras")
+SAMPLER_NAMES = ("dpmpp_2m", "sa_solver", "euler", "ddim", "lcm")
+STEP_GRIDS = ("dpm_time_uniform", "linspace", "leading", "trailing", "karras", "lcm", "dmd")
+# SamplerCustom scales the start noise by σ below σ_max, so the one-step dmd grid runs in the PixArt Sampler only
+SIGMAS_GRIDS = tuple(g for g in STEP_GRIDS if g not in schedule.FIXED_GRIDS)
 NULL_OFFICIAL = "prompt's mask (official Σ)"
 NULL_OWN = "own mask (diffusers)"
 DEFAULT_ETA = {"sa_solver": 1.0, "ddim": 0.0}  # official SA-Solver τ=1 in its window; deterministic DDIM
 
 _GRID_TOOLTIP = ("Where the steps fall. dpm_time_uniform: the official PixArt-Σ DPM-Solver grid (uniform in "
                  "continuous time); linspace/leading/trailing: diffusers' timestep spacings; karras: Karras et al. "
-                 "over the full training range.")
+                 "over the full training range; lcm: diffusers' LCMScheduler timesteps (PixArt-LCM, Flash-PixArt; "
+                 "4 steps: 999, 759, 499, 259); dmd: the one step at timestep 400 of PixArt-α-DMD (steps 1).")
+_PRESET_TOOLTIP = ("A distilled model's own settings, overriding steps, cfg, sampler_name and step_grid: 'LCM 4 steps' "
+                   "for PixArt-LCM, 'DMD 1 step' for PixArt-α-DMD, 'Flash 4 steps' for PixArt-α 1024 with the "
+                   "flash-pixart LoRA (all without guidance). custom: use the widgets.")
 
 
 def make_sigmas(step_grid: str, steps: int, denoise: float) -> torch.Tensor:
@@ -48,10 +55,19 @@ def make_sigmas(step_grid: str, steps: int, denoise: float) -> torch.Tensor:
     return schedule.make_sigmas(step_grid, steps, denoise).float().cpu()
 
 
-def pixart_ksampler(sampler_name: str, eta: float | None = None) -> comfy.samplers.KSAMPLER:
-    """A ComfyUI SAMPLER running pixart_core's sampler `sampler_name`.
+class PriorStartKSAMPLER(comfy.samplers.KSAMPLER):
+    """A KSAMPLER whose starting noise is the VP prior at sigmas[0] (noise·√(1+σ²)) even below σ_max, where
+    ComfyUI would scale it by σ: a one-step distilled model (PixArt-α-DMD, timestep 400) starts from pure
+    noise at its distilled timestep, as its pipeline does."""
 
-    Stochastic samplers (sa_solver, ddim with eta > 0) draw their step noise from a CPU generator seeded
+    def max_denoise(self, model_wrap, sigmas):
+        return True
+
+
+def pixart_ksampler(sampler_name: str, eta: float | None = None, prior_start: bool = False) -> comfy.samplers.KSAMPLER:
+    """A ComfyUI SAMPLER running pixart_core's sampler `sampler_name` (prior_start: see PriorStartKSAMPLER).
+
+    Stochastic samplers (sa_solver, ddim with eta > 0, lcm) draw their step noise from a CPU generator seeded
     with the sampling seed + 1 (not the seed itself, whose first draw is the initial noise), so results
     are reproducible per seed and identical on every device.
     """
@@ -73,7 +89,7 @@ def pixart_ksampler(sampler_name: str, eta: float | None = None) -> comfy.sample
         return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **kwargs)
 
     sampler_function.__name__ = f"pixart_{sampler_name}"
-    return comfy.samplers.KSAMPLER(sampler_function, extra_options=options)
+    return (PriorStartKSAMPLER if prior_start else comfy.samplers.KSAMPLER)(sampler_function, extra_options=options)
 
 
 def share_prompt_mask(positive, negative) -> tuple[list, list[str]]:
@@ -205,12 +221,15 @@ class PixArtSuiteSampler(io.ComfyNode):
                 shared["cfg"],
                 io.Combo.Input("sampler_name", options=list(SAMPLER_NAMES), default="dpmpp_2m",
                                tooltip="dpmpp_2m: the official DPM-Solver++(2M); sa_solver: PixArt's SA-Solver "
-                                       "(stochastic, official τ window); euler; ddim (deterministic)."),
+                                       "(stochastic, official τ window); euler; ddim (deterministic); lcm: the "
+                                       "Latent Consistency Model sampler (PixArt-LCM, Flash-PixArt)."),
                 io.Combo.Input("step_grid", options=list(STEP_GRIDS), default="dpm_time_uniform",
                                tooltip=_GRID_TOOLTIP),
                 shared["null_mask"],
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="1.0 starts from pure noise; lower keeps more of latent_image (image to image)."),
+                io.Combo.Input("preset", options=list(fewstep.LABELS), default=fewstep.CUSTOM, optional=True,
+                               tooltip=_PRESET_TOOLTIP),
             ],
             outputs=[io.Latent.Output(tooltip="The sampled latent, for VAE Decode (SDXL VAE for Σ).")],
             hidden=[io.Hidden.unique_id],
@@ -222,10 +241,13 @@ class PixArtSuiteSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, step_grid, null_mask,
-                denoise) -> io.NodeOutput:
+                denoise, preset=fewstep.CUSTOM) -> io.NodeOutput:
         check_widgets(cls, seed=seed, steps=steps, cfg=cfg, denoise=denoise)
+        if preset != fewstep.CUSTOM:
+            p = fewstep.sampling_preset(preset)
+            steps, cfg, sampler_name, step_grid = p.steps, p.cfg, p.sampler, p.grid
         check_guidance_inputs(model, positive, negative, null_mask)
-        sampler = pixart_ksampler(sampler_name)
+        sampler = pixart_ksampler(sampler_name, prior_start=step_grid in schedule.FIXED_GRIDS)
         sigmas = make_sigmas(step_grid, steps, denoise)
 
         latent = latent_image.copy()
@@ -258,12 +280,13 @@ class PixArtSuiteSamplerSelect(io.ComfyNode):
             node_id="PixArtSuiteSamplerSelect",
             display_name="PixArt Sampler Select",
             category=CATEGORY,
-            description="PixArt's samplers (official DPM-Solver++ 2M, SA-Solver, Euler, DDIM) as a SAMPLER for "
+            description="PixArt's samplers (official DPM-Solver++ 2M, SA-Solver, Euler, DDIM, LCM) as a SAMPLER for "
                         "SamplerCustom / SamplerCustomAdvanced.",
             inputs=[
                 io.Combo.Input("sampler_name", options=list(SAMPLER_NAMES), default="dpmpp_2m",
                                tooltip="dpmpp_2m: DPM-Solver++(2M) as in the official code; sa_solver: SA-Solver; "
-                                       "euler; ddim."),
+                                       "euler; ddim; lcm: diffusers' LCMScheduler (PixArt-LCM, Flash-PixArt; use "
+                                       "the lcm step grid)."),
                 io.Float.Input("eta", default=1.0, min=0.0, max=10.0, step=0.01,
                                tooltip="Step noise. sa_solver: τ inside its 200-800 timestep window (1.0 official); "
                                        "ddim: 0 = deterministic DDIM (what PixArt Sampler uses), 1 = DDPM-like. "
@@ -292,7 +315,10 @@ class PixArtSuiteSigmas(io.ComfyNode):
             description="The noise levels (SIGMAS) of PixArt's step grids, for SamplerCustom / SamplerCustomAdvanced.",
             inputs=[
                 io.Model.Input("model", tooltip="The PixArt model the sigmas are for (checked to be PixArt)."),
-                io.Combo.Input("step_grid", options=list(STEP_GRIDS), default="dpm_time_uniform", tooltip=_GRID_TOOLTIP),
+                io.Combo.Input("step_grid", options=list(SIGMAS_GRIDS), default="dpm_time_uniform",
+                               tooltip=_GRID_TOOLTIP.replace("; dmd: the one step at timestep 400 of PixArt-α-DMD "
+                                                             "(steps 1).", ". (PixArt-α-DMD: the PixArt Sampler's "
+                                                             "'DMD 1 step' preset.)")),
                 io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Number of steps."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Below 1.0 keeps only the last part of a longer schedule (image to image)."),
@@ -307,6 +333,9 @@ class PixArtSuiteSigmas(io.ComfyNode):
     @classmethod
     def execute(cls, model, step_grid, steps, denoise) -> io.NodeOutput:
         check_widgets(cls, steps=steps, denoise=denoise)
+        if step_grid in schedule.FIXED_GRIDS:
+            raise ValueError(f"step_grid {step_grid!r} is a one-step schedule that SamplerCustom would start from the "
+                             "wrong noise level; use the PixArt Sampler with the 'DMD 1 step' preset")
         require_pixart(model)
         return io.NodeOutput(make_sigmas(step_grid, steps, denoise))
 

@@ -90,8 +90,14 @@ def _generate(args):
     prompt = Conditioning(*encoder.encode([args.prompt], max_length=length))
     negative = Conditioning(*encoder.encode([args.negative], max_length=length))
     encoder.release()
-    result = generate(model, prompt, negative, height=args.height, width=args.width, steps=args.steps,
-                      guidance=args.guidance, sampler=args.sampler, grid=args.grid, seed=args.seed,
+    steps, guidance, sampler, grid = args.steps, args.guidance, args.sampler, args.grid
+    if args.sampling_preset:
+        from .fewstep import sampling_preset
+        p = sampling_preset(args.sampling_preset)
+        steps, guidance, sampler, grid = p.steps, p.cfg, p.sampler, p.grid
+        print(f"{p.label} ({p.model}): sampler {sampler}, grid {grid}, {steps} steps, guidance {guidance:g}")
+    result = generate(model, prompt, negative, height=args.height, width=args.width, steps=steps,
+                      guidance=guidance, sampler=sampler, grid=grid, seed=args.seed,
                       batch=args.batch, null_mode=args.null_mode, binning=not args.no_binning, progress_bar=True,
                       official_end=args.official_end, aspect_condition=args.aspect_condition, pag=pag)
     out = save_latents(out, result)
@@ -160,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .loading import DTYPES
     from .guidance import MAX_ADAPTIVE_SCALE, MAX_PAG_SCALE, pag_layers_syntax
     from .model import layer_list_syntax
+    from .fewstep import SAMPLING_PRESETS
     from .samplers import SAMPLERS
     from .schedule import MAX_STEPS, STEP_GRIDS
     from .pipeline import ASPECT_CONDITIONS, MAX_BATCH, MAX_GUIDANCE, MAX_REQUESTED_SIDE, NULL_MODES
@@ -223,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default="dpmpp_2m", choices=list(SAMPLERS))
     p.add_argument("--grid", default="dpm_time_uniform", choices=list(STEP_GRIDS))
     p.add_argument("--null-mode", default="prompt_mask", choices=list(NULL_MODES))
+    p.add_argument("--sampling-preset", default=None, choices=list(SAMPLING_PRESETS),
+                   help="a few-step model's own settings (replace --steps, --guidance, --sampler, --grid): "
+                        "lcm_4step (PixArt-LCM), dmd_1step (PixArt-α-DMD), flash_4step (α 1024 + the flash-pixart LoRA)")
     p.add_argument("--official-end", action="store_true",
                    help="stop at t = 1e-3 and return the VP-scaled sample, as the official solvers (dpm_time_uniform grid)")
     p.add_argument("--aspect-condition", default="bin_key", choices=list(ASPECT_CONDITIONS),

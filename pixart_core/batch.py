@@ -49,8 +49,9 @@ def parse_request(obj) -> Request:
     if unknown:
         raise InputError(f"unknown field(s) {', '.join(unknown)}; the fields are {', '.join(FIELDS)}")
     v = {**FIELDS, **obj}
-    if not isinstance(v["prompt"], str) or not isinstance(v["negative"], str):
-        raise InputError("prompt and negative must be text")
+    for field in ("prompt", "negative"):
+        if not isinstance(v[field], str):
+            raise InputError(f"{field} must be text, not {json.dumps(v[field])}")
     v["seed"] = whole_number("seed", v["seed"], 0, SEED_MAX)
     v["steps"] = whole_number("steps", v["steps"], 1, MAX_STEPS)
     v["guidance"] = real_number("guidance", v["guidance"], 0.0, MAX_GUIDANCE)
@@ -411,14 +412,6 @@ def write_outputs(folder: Path, chunk: Chunk, payloads: list, kind: str, resolut
     return out
 
 
-def _progress(total: int, enabled: bool):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, unit="img", desc="batch", disable=not enabled)
-
-
 def start_job(jobs, folder, settings: Settings, say=print):
     """Read the jobs file, report its bad lines, open the output folder and plan the work.
     Returns (folder, manifest, plan, summary so far)."""
@@ -439,14 +432,38 @@ def start_job(jobs, folder, settings: Settings, say=print):
     return folder, manifest, plan, summary
 
 
-def record_results(manifest: Manifest, plan: Plan, results, summary: Summary) -> None:
-    for key, name, error in results:
-        status = "done" if error is None else "failed"
-        manifest.record(entry(key, plan.requests[key], plan.lines[key], status, name, error))
-        if error is None:
-            summary.done += 1
-        else:
-            summary.failed += 1
+class Progress:
+    """Where a runner reports finished requests: the manifest, the summary, and a progress bar (tqdm,
+    which transformers brings) when enabled."""
+
+    def __init__(self, manifest: Manifest, plan: Plan, summary: Summary, enabled: bool):
+        self.manifest, self.plan, self.summary, self.bar = manifest, plan, summary, None
+        if enabled and plan.chunks:
+            try:
+                from tqdm.auto import tqdm
+                self.bar = tqdm(total=sum(len(c.keys) for c in plan.chunks), unit="img", desc="batch")
+            except ImportError:
+                pass
+
+    def record(self, results) -> None:
+        """results: [(key, file name or None, error or None)]."""
+        for key, name, error in results:
+            status = "done" if error is None else "failed"
+            self.manifest.record(entry(key, self.plan.requests[key], self.plan.lines[key], status, name, error))
+            if error is None:
+                self.summary.done += 1
+            else:
+                self.summary.failed += 1
+        if self.bar is not None:
+            self.bar.update(len(results))
+
+    def finish(self, start: float) -> Summary:
+        import time
+        if self.bar is not None:
+            self.bar.close()
+        self.manifest.compact()
+        self.summary.seconds = time.perf_counter() - start
+        return self.summary
 
 
 def read_jobs_numbered(path) -> tuple[list[tuple[int, Request]], list[tuple[int, str]]]:
@@ -483,13 +500,13 @@ def run_local(jobs, folder, settings: Settings, progress: bool = True, say=print
     start = time.perf_counter()
     folder, manifest, plan, summary = start_job(jobs, folder, settings, say)
     say(settings.describe_output())
+    report = Progress(manifest, plan, summary, progress)
     if plan.chunks:
         encoder = load_t5(settings.t5, dtype=settings.t5_dtype, device=settings.device,
                           tokenizer_path=settings.tokenizer)
         cache = EmbeddingCache(encoder, plan.chunks, settings.t5_batch)
         vae = (vae_module.load_vae(settings.vae, settings.device) if settings.output_kind == "png" else None)
         models = Models(settings)
-        bar = _progress(sum(len(c.keys) for c in plan.chunks), progress)
         for chunk in plan.chunks:
             try:
                 latents = sample_chunk(models, chunk, *cache.get(chunk))
@@ -498,11 +515,5 @@ def run_local(jobs, folder, settings: Settings, progress: bool = True, say=print
                 results = write_outputs(folder, chunk, payloads, kind, cfg.resolution, cfg.family)
             except Exception as e:  # noqa: BLE001 - one failed chunk must not stop the job
                 results = [(k, None, error_text(e)) for k in chunk.keys]
-            record_results(manifest, plan, results, summary)
-            if bar is not None:
-                bar.update(len(chunk.keys))
-        if bar is not None:
-            bar.close()
-    manifest.compact()
-    summary.seconds = time.perf_counter() - start
-    return summary
+            report.record(results)
+    return report.finish(start)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import ray
 
-from .batch import (Models, Settings, Summary, decode_outputs, encode_texts, conditioning, error_text,
-                    record_results, sample_chunk, start_job, write_outputs)
+from .batch import (Models, Progress, Settings, Summary, conditioning, decode_outputs, encode_texts, error_text,
+                    sample_chunk, start_job, write_outputs)
 
 CRASH_ENV = "PIXART_BATCH_CRASH_FILE"  # tests: a sampling actor that finds this file deletes it and dies
 
@@ -35,7 +35,7 @@ class _Encode:
     def __call__(self, row):
         chunk = pickle.loads(row["chunk"])
         texts = [t for r in chunk.requests for t in (r.prompt, r.negative)]
-        try:  # the encoder's own cache keeps prompts repeated across chunks
+        try:  # each row stands alone (a row may be redone elsewhere): no cache across chunks
             embeddings = encode_texts(self.encoder, texts, chunk.length, self.settings.t5_batch, {})
             prompt, negative = conditioning(chunk, embeddings)
             cond, error = pickle.dumps((prompt.embeds, prompt.mask, negative.embeds, negative.mask)), ""
@@ -103,6 +103,7 @@ def run_ray(jobs, folder, settings: Settings, address: str | None = "auto", acto
     start = time.perf_counter()
     folder, manifest, plan, summary = start_job(jobs, folder, settings, say)
     say(settings.describe_output() + f" on Ray, {actors} sampling actor(s)")
+    report = Progress(manifest, plan, summary, progress)
     if plan.chunks:
         connect(address)
         gpu = settings.device.startswith("cuda")
@@ -119,7 +120,6 @@ def run_ray(jobs, folder, settings: Settings, address: str | None = "auto", acto
         if kind == "png":
             ds = ds.map(_Decode, fn_constructor_args=(settings, settings.device if num_gpus else "cpu"),
                         compute=pool(size=1), num_cpus=0.25, num_gpus=min(num_gpus, 1.0))
-        bar = _bar(sum(len(c.keys) for c in plan.chunks), progress)
         seen = set()
         for row in ds.iter_rows():
             chunk = pickle.loads(row["chunk"])
@@ -133,16 +133,5 @@ def run_ray(jobs, folder, settings: Settings, address: str | None = "auto", acto
                 if kind == "latent":
                     payloads = decode_outputs(chunk, payloads, kind, None)
                 results = write_outputs(folder, chunk, payloads, kind, resolution, family)
-            record_results(manifest, plan, results, summary)
-            if bar is not None:
-                bar.update(len(chunk.keys))
-        if bar is not None:
-            bar.close()
-    manifest.compact()
-    summary.seconds = time.perf_counter() - start
-    return summary
-
-
-def _bar(total, enabled):
-    from .batch import _progress
-    return _progress(total, enabled)
+            report.record(results)
+    return report.finish(start)

@@ -74,6 +74,15 @@ FILES: dict[str, HubFile] = {f.name: f for f in (
     # PixArt-α was trained on sd-vae-ft-ema latents
     HubFile("vae-ft-ema-560000-ema-pruned.safetensors", "vae", "stabilityai/sd-vae-ft-ema-original",
             "vae-ft-ema-560000-ema-pruned.safetensors"),
+    # few-step models (pixart_core.fewstep): released in diffusers layout only, so the models folder gets
+    # the transformer file under the repository's name (the loaders read diffusers keys from one file)
+    HubFile("PixArt-LCM-XL-2-1024-MS.safetensors", "diffusion_models", "PixArt-alpha/PixArt-LCM-XL-2-1024-MS",
+            "transformer/diffusion_pytorch_model.safetensors", also_in=_DIT),
+    HubFile("PixArt-Alpha-DMD-XL-2-512x512.bin", "diffusion_models", "PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512",
+            "transformer/diffusion_pytorch_model.bin", also_in=_DIT),
+    # a PEFT LoRA on PixArt-α 1024: its lora_alpha is in adapter_config.json, read from beside the file
+    HubFile("flash-pixart.safetensors", "loras", "jasperai/flash-pixart", "adapter_model.safetensors"),
+    HubFile("flash-pixart.adapter_config.json", "loras", "jasperai/flash-pixart", "adapter_config.json"),
 )}
 
 T5 = {"fp16": "t5xxl_fp16.safetensors", "fp8": "t5xxl_fp8_e4m3fn.safetensors"}
@@ -88,6 +97,10 @@ SETS: dict[str, tuple[str, ...]] = {
     "alpha-512": ("PixArt-XL-2-512x512.pth", _ALPHA_VAE),
     "alpha-1024": ("PixArt-XL-2-1024-MS.pth", _ALPHA_VAE),
     "alpha-1024-controlnet": ("PixArt-XL-2-1024-ControlNet.pth", _ALPHA_VAE),  # the HED ControlNet and its α
+    "alpha-1024-lcm": ("PixArt-LCM-XL-2-1024-MS.safetensors", _ALPHA_VAE),  # preset "LCM 4 steps"
+    "alpha-512-dmd": ("PixArt-Alpha-DMD-XL-2-512x512.bin", _ALPHA_VAE),  # preset "DMD 1 step"
+    "alpha-1024-flash": ("PixArt-XL-2-1024-MS.pth", "flash-pixart.safetensors", "flash-pixart.adapter_config.json",
+                         _ALPHA_VAE),  # preset "Flash 4 steps"
 }
 
 

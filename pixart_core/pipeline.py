@@ -25,6 +25,7 @@ NULL_MODES = ("prompt_mask", "own_mask", "y_embedding")
 MAX_BATCH = 4096  # as ComfyUI's empty-latent nodes
 MAX_GUIDANCE = 100.0
 ASPECT_CONDITIONS = ("bin_key", "height_width")  # α micro-condition: official inference, diffusers
+STOCHASTIC = ("sa_solver", "ddim", "lcm")  # samplers that draw step noise (seeded with seed + 1)
 MAX_REQUESTED_SIDE = 16384  # ComfyUI's MAX_RESOLUTION; with binning any requested size maps to a bin
 
 
@@ -181,9 +182,9 @@ def generate(model: PixArt, prompt: Conditioning, negative: Conditioning, *, hei
             callback(info["i"] + 1, total)
 
     kwargs = {}
-    if sampler in ("sa_solver", "ddim") and seeds is None:
+    if sampler in STOCHASTIC and seeds is None:
         kwargs["generator"] = torch.Generator("cpu").manual_seed((seed + 1) % 2 ** 64)
-    elif sampler in ("sa_solver", "ddim"):
+    elif sampler in STOCHASTIC:
         kwargs["noise_sampler"] = per_row_noise_sampler(
             x, [torch.Generator("cpu").manual_seed((s + 1) % 2 ** 64) for s in seeds])
     out = SAMPLERS[sampler](PixArtDenoiser(model), x, sigmas, extra_args=extra, callback=on_step,

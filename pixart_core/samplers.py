@@ -110,6 +110,42 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
     return x
 
 
+def lcm_boundary(timestep: float, sigma_data: float = 0.5, timestep_scaling: float = 10.0) -> tuple[float, float]:
+    """LCM's consistency boundary conditions (c_skip, c_out) at a training timestep, as diffusers' LCMScheduler."""
+    scaled = float(timestep) * timestep_scaling
+    c_skip = sigma_data ** 2 / (scaled ** 2 + sigma_data ** 2)
+    c_out = scaled / math.sqrt(scaled ** 2 + sigma_data ** 2)
+    return c_skip, c_out
+
+
+@torch.no_grad()
+def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None, generator=None,
+               sigma_data=0.5, timestep_scaling=10.0):
+    """Latent Consistency Model multistep sampling (Luo et al. 2023), diffusers' LCMScheduler in σ form.
+
+    Each step takes the consistency function f = c_out·x0 + c_skip·x_VP at the step's timestep and, except
+    on the last step, noises it afresh to the next σ (x' = f + σ'·z, i.e. √ᾱ'·f + √(1-ᾱ')·z in VP). The last
+    step returns f whatever the grid's end, as the scheduler does. Use schedule.sigmas_lcm for the timesteps.
+    """
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = default_noise_sampler(x, generator) if noise_sampler is None else noise_sampler
+    s_in = x.new_ones([x.shape[0]])
+    n = len(sigmas) - 1
+    for i in trange(n, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        sigma = float(sigmas[i])
+        t = float(schedule.sigma_to_timestep(torch.tensor(sigma, dtype=torch.float64)))
+        c_skip, c_out = lcm_boundary(t, sigma_data, timestep_scaling)
+        # c_skip weighs the VP-scaled sample the scheduler sees, x / √(1 + σ²)
+        consistent = denoised * c_out + x * (c_skip / math.sqrt(1.0 + sigma * sigma))
+        _callback(callback, x, i, sigmas[i], consistent)
+        if i == n - 1:
+            x = consistent
+        else:
+            x = consistent + noise_sampler(sigmas[i], sigmas[i + 1]) * float(sigmas[i + 1])
+    return x
+
+
 def tau_window(eta: float = 1.0, lo: float = 199.0, hi: float = 799.0):
     """SA-Solver stochasticity τ(σ): eta while lo <= timestep(σ) <= hi, else 0.
 
@@ -203,6 +239,7 @@ SAMPLERS = {
     "euler": sample_euler,
     "ddim": sample_ddim,
     "sa_solver": sample_sa_solver,
+    "lcm": sample_lcm,
 }
 
 
@@ -297,6 +334,6 @@ class PixArtDenoiser:
 
 
 __all__ = [
-    "PixArtDenoiser", "SAMPLERS", "default_noise_sampler", "per_row_noise_sampler", "sample_ddim", "sample_dpmpp_2m", "sample_euler",
+    "PixArtDenoiser", "SAMPLERS", "default_noise_sampler", "lcm_boundary", "sample_lcm", "per_row_noise_sampler", "sample_ddim", "sample_dpmpp_2m", "sample_euler",
     "sample_sa_solver", "tau_window",
 ]

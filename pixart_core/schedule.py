@@ -143,6 +143,44 @@ def sigmas_karras(steps: int, sigma_min: float, sigma_max: float, rho: float = 7
     return _append_zero((hi + ramp * (lo - hi)) ** rho).float()
 
 
+LCM_ORIGINAL_STEPS = 50  # original_inference_steps of diffusers' LCMScheduler (PixArt-LCM, Flash-PixArt)
+DMD_TIMESTEP = 400  # the timestep PixArt-α-DMD was distilled at (its demo: DDPMScheduler, timesteps=[400])
+
+
+def lcm_timesteps(steps: int, original_steps: int = LCM_ORIGINAL_STEPS, strength: float = 1.0) -> np.ndarray:
+    """Integer timesteps of diffusers' LCMScheduler.set_timesteps(steps) (which ignores timestep_spacing):
+    `steps` evenly spaced indices into the distillation grid k·(1000 // original_steps) - 1, from the top."""
+    steps = whole_number("steps", steps, 1, MAX_STEPS)
+    usable = int(original_steps * strength)
+    if steps > usable:
+        raise InputError(f"steps {steps} is more than the LCM grid holds ({usable} distillation timesteps); "
+                         f"use at most {usable} steps (4 is what PixArt-LCM and Flash-PixArt use)")
+    k = NUM_TRAIN_TIMESTEPS // original_steps
+    origin = (np.arange(1, usable + 1) * k - 1)[::-1]
+    # numpy floor of a float linspace, as diffusers does it, so every step count picks the same indices
+    return origin[np.floor(np.linspace(0, usable, num=steps, endpoint=False)).astype(np.int64)].astype(np.int64)
+
+
+def sigmas_at_timesteps(timesteps) -> torch.Tensor:
+    """float32 σ at integer training timesteps (high to low), plus the trailing 0."""
+    ts = torch.as_tensor(np.asarray(timesteps, dtype=np.int64))
+    if ts.numel() == 0 or ts.min() < 0 or ts.max() >= NUM_TRAIN_TIMESTEPS:
+        raise InputError(f"timesteps must lie in 0..{NUM_TRAIN_TIMESTEPS - 1}, got {ts.tolist()}")
+    return _append_zero(discrete_sigmas()[ts]).float()
+
+
+def sigmas_lcm(steps: int) -> torch.Tensor:
+    """σ at diffusers' LCMScheduler timesteps (4 steps: 999, 759, 499, 259), ending in 0."""
+    return sigmas_at_timesteps(lcm_timesteps(steps))
+
+
+def sigmas_dmd(steps: int = 1) -> torch.Tensor:
+    """The one step of PixArt-α-DMD: σ at timestep 400, then 0 (x0 straight from pure noise)."""
+    if steps != 1:
+        raise InputError(f"the dmd grid is one step at timestep {DMD_TIMESTEP}, got steps {steps}; set steps to 1")
+    return sigmas_at_timesteps([DMD_TIMESTEP])
+
+
 def _karras_full_range(steps: int) -> torch.Tensor:
     s = discrete_sigmas()
     return sigmas_karras(steps, float(s[0]), float(s[-1]))
@@ -154,7 +192,10 @@ STEP_GRIDS = {
     "leading": functools.partial(sigmas_diffusers, spacing="leading"),
     "trailing": functools.partial(sigmas_diffusers, spacing="trailing"),
     "karras": _karras_full_range,
+    "lcm": sigmas_lcm,
+    "dmd": sigmas_dmd,
 }
+FIXED_GRIDS = {"dmd"}  # one fixed schedule: no longer schedule to cut a denoise < 1 tail from
 
 
 def make_sigmas(grid: str, steps: int, denoise: float = 1.0) -> torch.Tensor:
@@ -168,6 +209,9 @@ def make_sigmas(grid: str, steps: int, denoise: float = 1.0) -> torch.Tensor:
                          f"use a denoise of at least {steps / MAX_SCHEDULE:g} or fewer steps")
     if denoise > 0.9999:
         return STEP_GRIDS[grid](steps)
+    if grid in FIXED_GRIDS:
+        raise InputError(f"the {grid} grid is a single fixed step and takes denoise 1, got {denoise:g}; "
+                         "use another grid for image to image")
     if denoise <= 0.0:
         # Nothing to do: an empty schedule makes every sampler return its input unchanged.
         return torch.zeros(0)
@@ -186,7 +230,8 @@ def sigma_max() -> float:
 
 
 __all__ = [
-    "NUM_TRAIN_TIMESTEPS", "STEP_GRIDS", "alphas_cumprod", "betas", "diffusers_timesteps", "discrete_sigmas",
+    "DMD_TIMESTEP", "LCM_ORIGINAL_STEPS", "NUM_TRAIN_TIMESTEPS", "STEP_GRIDS", "lcm_timesteps", "sigmas_at_timesteps",
+    "sigmas_dmd", "sigmas_lcm", "alphas_cumprod", "betas", "diffusers_timesteps", "discrete_sigmas",
     "make_sigmas", "sigma_max", "sigma_min", "sigma_to_timestep", "sigmas_diffusers", "sigmas_dpm_time_uniform",
     "sigmas_karras", "timestep_to_sigma",
 ]

@@ -46,6 +46,7 @@ SDXL_VAE = "sdxl_vae.safetensors"
 ALPHA_CONTROLNET = "PixArt-XL-2-1024-ControlNet.pth"
 SIGMA_CANNY = "pixart_sigma_controlnet_canny.safetensors"
 SD15_VAE = "vae-ft-ema-560000-ema-pruned.safetensors"
+PIXART_LCM = "PixArt-LCM-XL-2-1024-MS.safetensors"
 ESRGAN_X4 = "RealESRGAN_x4plus.pth"
 HED_IMAGE = "hed_map.png"
 
@@ -57,6 +58,8 @@ SEED = 42
 # file name -> "folder - source" for the Read-me notes, from the table of released files
 MODELS_NOTE = {name: f"ComfyUI/models/{f.directory}/ - from huggingface.co/{f.repo}" for name, f in MODEL_FILES.items()}
 MODELS_NOTE[ALPHA_CONTROLNET] += " (holds the PixArt-α model too: both loaders read it)"
+MODELS_NOTE[PIXART_LCM] += (" (its transformer/diffusion_pytorch_model.safetensors, saved under this name: "
+                            "`python -m pixart_core download alpha-1024-lcm` does that)")
 MODELS_NOTE.update({  # files outside the table: not released on the Hub under one name
     SIGMA_CANNY: "ComfyUI/models/controlnet/ - your own PixArt-Σ canny ControlNet (none was released; e.g. "
                  "trained with SimpleTuner), any name",
@@ -480,6 +483,25 @@ def controlnet_hed_alpha(oi) -> tuple[Workflow, str]:
     return wf, "1024 x 1024"
 
 
+def txt2img_lcm_4step(oi) -> tuple[Workflow, str]:
+    wf = Workflow("txt2img_lcm_4step", oi)
+    ids = _common(wf, PIXART_LCM, _note([PIXART_LCM, T5_XXL, SD15_VAE], "PixArt-LCM: text to image in 4 steps",
+                                        "PixArt-LCM is PixArt-α 1024 distilled into a latent consistency model. The "
+                                        "sampler's preset 'LCM 4 steps' runs it as its diffusers pipeline does: the "
+                                        "lcm sampler on LCMScheduler's timesteps 999, 759, 499, 259, CFG 1 (no "
+                                        "guidance: the negative prompt is not used). The same preset fits "
+                                        "PixArt-α 1024 with the flash-pixart LoRA ('Flash 4 steps'); 'DMD 1 step' "
+                                        "is for PixArt-α-DMD 512. α uses the SD1.5 VAE and 120 T5 tokens."),
+                  vae=SD15_VAE, max_length="α: 120 tokens")
+    res = wf.node("PixArtSuiteResolution", (X1, 460), (430, 180),
+                  {"size_class": "from model", "aspect_ratio": "1.00 square"}, color=OURS)
+    wf.link(ids["model"], 0, res, "model")
+    s = _sampler(wf, (X2, 0), ids["model"], ids, (res, "latent"), steps=4, cfg=1.0, sampler_name="lcm",
+                 step_grid="lcm", preset="LCM 4 steps")
+    _decode_save(wf, s, 0, ids["vae"], "PixArt-LCM_4step")
+    return wf, "1024 x 1024"
+
+
 def upscale_refine_4k(oi) -> tuple[Workflow, str]:
     wf = Workflow("upscale_refine_4k", oi)
     ids = _common(wf, PIXART_2K, _note([PIXART_2K, ESRGAN_X4, T5_XXL, SDXL_VAE], "PixArt-Σ 2K -> model upscaler -> 4K refine",
@@ -626,7 +648,7 @@ def train_lora_resolution(oi) -> tuple[Workflow, str]:
 
 BUILDERS = [txt2img_1024, txt2img_2k, txt2img_4k, hires_fix, img2img, sampler_custom_advanced, ksampler_stock,
             controlnet_canny, controlnet_hed_alpha, upscale_refine_4k, train_lora, train_lora_kv_compression,
-            train_lora_resolution]
+            train_lora_resolution, txt2img_lcm_4step]
 
 
 # --------------------------------------------------------------------------------------------
@@ -704,6 +726,7 @@ DISPLAY_NAMES: dict[str, str] = {}
 
 TITLES = {
     "txt2img_1024": "PixArt-Σ · text to image · 1024",
+    "txt2img_lcm_4step": "PixArt-LCM · text to image · 4 steps",
     "txt2img_2k": "PixArt-Σ · text to image · 2K",
     "txt2img_4k_kv_compression": "PixArt-Σ · 4K · KV compression + tiled decode",
     "hires_fix_1024_to_2k": "PixArt-Σ · hires fix · 1024 → 2K",

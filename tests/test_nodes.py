@@ -144,7 +144,7 @@ def test_input_names_and_order(env):
     assert names(n.PixArtSuiteT5Loader) == ["t5_name", "dtype", "device"]
     assert names(n.PixArtSuiteT5TextEncode) == ["clip", "text", "max_length"]
     assert names(n.PixArtSuiteSampler) == ["model", "positive", "negative", "latent_image", "seed", "steps", "cfg",
-                                           "sampler_name", "step_grid", "null_mask", "denoise"]
+                                           "sampler_name", "step_grid", "null_mask", "denoise", "preset"]
     assert names(n.PixArtSuiteSamplerSelect) == ["sampler_name", "eta"]
     assert names(n.PixArtSuiteSigmas) == ["model", "step_grid", "steps", "denoise"]
     assert names(n.PixArtSuiteResolution) == ["size_class", "aspect_ratio", "width", "height", "batch_size", "model"]
@@ -341,7 +341,7 @@ def reference_sample(env, sampler, seed, steps, cfg, grid, uncond_mask, eta=None
         return denoiser(x, sigma, pos, mask_of(env.pos), neg, uncond_mask, cfg_scale=cfg)
 
     kwargs = {}
-    if sampler in ("sa_solver", "ddim"):
+    if sampler in ("sa_solver", "ddim", "lcm"):
         kwargs["generator"] = torch.Generator().manual_seed(seed + 1)
     if sampler == "sa_solver":
         kwargs["tau"] = core.samplers.tau_window(1.0 if eta is None else eta)
@@ -432,6 +432,38 @@ def test_sampler_select_and_step_grid_through_sample_custom(env):
     got = comfy.sample.sample_custom(env.model, noise, 4.5, sa, sigmas, env.pos, env.neg, latent, seed=11)
     want = reference_sample(env, "sa_solver", 11, 3, 4.5, "dpm_time_uniform", mask_of(env.neg), eta=0.5)
     assert pf.rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("preset,sampler,grid,steps", [("LCM 4 steps", "lcm", "lcm", 4), ("DMD 1 step", "euler", "dmd", 1),
+                                                      ("Flash 4 steps", "lcm", "lcm", 4)])
+def test_sampler_presets_override_the_widgets(env, preset, sampler, grid, steps):
+    """A preset replaces steps, cfg (1: no guidance), sampler and grid; the widgets' own values are ignored."""
+    null = env.pack.nodes.sampling.NULL_OFFICIAL
+    got = env.n.PixArtSuiteSampler.execute(env.model, env.pos, env.neg, empty_latent(), 7, 20, 4.5, "dpmpp_2m",
+                                           "dpm_time_uniform", null, 1.0, preset)[0]["samples"]
+    want = reference_sample(env, sampler, 7, steps, 1.0, grid, mask_of(env.pos))
+    assert pf.rel_err(got, want) < 1e-5
+    with pytest.raises(ValueError, match="unknown sampling preset 'LCM 2 steps'") as err:
+        env.n.PixArtSuiteSampler.execute(env.model, env.pos, env.neg, empty_latent(), 7, 20, 4.5, "dpmpp_2m",
+                                         "dpm_time_uniform", null, 1.0, "LCM 2 steps")
+    one_sentence(err)
+
+
+def test_lcm_sampler_and_grid_through_sample_custom(env):
+    """SamplerCustom with our lcm SAMPLER and lcm SIGMAS (cfg 1) = the PixArt Sampler's LCM preset."""
+    import comfy.sample
+    n = env.n
+    sampler = n.PixArtSuiteSamplerSelect.execute("lcm", 1.0)[0]
+    sigmas = n.PixArtSuiteSigmas.execute(env.model, "lcm", 4, 1.0)[0]
+    assert sigmas.shape == (5,) and float(sigmas[-1]) == 0.0
+    latent = empty_latent()["samples"]
+    noise = comfy.sample.prepare_noise(latent, 11)
+    got = comfy.sample.sample_custom(env.model, noise, 1.0, sampler, sigmas, env.pos, env.neg, latent, seed=11)
+    want = reference_sample(env, "lcm", 11, 4, 1.0, "lcm", mask_of(env.pos))
+    assert pf.rel_err(got, want) < 1e-5
+    with pytest.raises(ValueError, match="use the PixArt Sampler with the 'DMD 1 step' preset") as err:
+        n.PixArtSuiteSigmas.execute(env.model, "dmd", 1, 1.0)
+    one_sentence(err)
 
 
 def test_sampler_errors_are_one_sentence(env):

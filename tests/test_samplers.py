@@ -347,7 +347,11 @@ def test_ddim_eta0_is_euler_and_single_step_is_denoised():
     one = torch.tensor([14.0, 0.0], dtype=torch.float64)
     d = model(x, torch.full((2,), 14.0, dtype=torch.float64), CONTEXT)
     for name in SAMPLERS:
-        assert torch.allclose(SAMPLERS[name](model, x, one, **kw), d, rtol=1e-12, atol=1e-12), name
+        want = d
+        if name == "lcm":  # the consistency output keeps c_skip of the (VP) input
+            c_skip, c_out = P.lcm_boundary(float(S.sigma_to_timestep(torch.tensor(14.0, dtype=torch.float64))))
+            want = c_out * d + c_skip * x / math.sqrt(1 + 14.0 ** 2)
+        assert torch.allclose(SAMPLERS[name](model, x, one, **kw), want, rtol=1e-12, atol=1e-12), name
         assert torch.equal(SAMPLERS[name](model, x, torch.zeros(0), **kw), x), name  # denoise = 0
 
 
@@ -437,6 +441,8 @@ def test_callback_contents():
             assert float(d["sigma"]) == float(sig[d["i"]]) and float(d["sigma_hat"]) == float(sig[d["i"]])
             if name == "sa_solver" and d["i"] > 0:
                 continue  # PEC: its denoised was evaluated at the predictor, before the corrector moved x
+            if name == "lcm":
+                continue  # the consistency output c_out·x0 + c_skip·x (what LCM returns), checked in test_fewstep
             expected = model(d["x"], d["sigma"] * torch.ones(2), CONTEXT)
             assert torch.allclose(d["denoised"], expected, rtol=1e-5, atol=1e-4), name
 

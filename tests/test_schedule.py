@@ -135,8 +135,9 @@ def test_karras():
 
 
 def test_registry_and_make_sigmas():
-    assert set(S.STEP_GRIDS) == {"dpm_time_uniform", "linspace", "leading", "trailing", "karras"}
-    for name in S.STEP_GRIDS:
+    assert set(S.STEP_GRIDS) == {"dpm_time_uniform", "linspace", "leading", "trailing", "karras", "lcm", "dmd"}
+    assert S.FIXED_GRIDS == {"dmd"}  # one step only: tests/test_fewstep.py
+    for name in set(S.STEP_GRIDS) - S.FIXED_GRIDS:
         sig = S.make_sigmas(name, 12)
         assert sig.shape == (13,) and sig[-1].item() == 0.0 and torch.all(sig[:-2] > sig[1:-1])
     assert torch.equal(S.make_sigmas("linspace", 12), S.sigmas_diffusers(12))

@@ -12,6 +12,10 @@ in the same containers and folders:
   text_encoders/t5xxl_fp16.safetensors            ComfyUI-style single-file T5 v1.1 encoder, fp16,
                                                   d_model 32 (tests/t5_fixtures.py); tokenizer from
                                                   ComfyUI's own t5_tokenizer folder
+  diffusion_models/PixArt-LCM-XL-2-1024-MS.safetensors
+                                                  PixArt-α 1024-MS geometry (micro-conditions, 120
+                                                  tokens) in diffusers keys, one file without pos_embed
+                                                  or y_embedding, as the release's transformer/ file
   vae/sdxl_vae.safetensors                        a random TAESD-XL (tests/e2e/vae_fixtures.py) in one
                                                   file with its latent scale: ComfyUI's VAE loader
                                                   recognises the TAESD keys, so VAELoader("sdxl_vae.
@@ -62,8 +66,10 @@ PIXART_1024 = "PixArt-Sigma-XL-2-1024-MS.pth"
 PIXART_2K = "PixArt-Sigma-XL-2-2K-MS.pth"
 T5_XXL = "t5xxl_fp16.safetensors"
 SDXL_VAE = "sdxl_vae.safetensors"
+PIXART_LCM = "PixArt-LCM-XL-2-1024-MS.safetensors"
 RELEASED = {  # file -> models/ subfolder
     PIXART_1024: "diffusion_models",
+    PIXART_LCM: "diffusion_models",
     PIXART_2K: "diffusion_models",
     T5_XXL: "text_encoders",
     SDXL_VAE: "vae",
@@ -105,6 +111,23 @@ def write_tiny_pixart_pth(path, sample_size: int, seed: int = 0) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": tiny_pixart_official_state_dict(sample_size, seed)}, path)
+    return path
+
+
+def tiny_alpha_1024_config():
+    """PixArt-α 1024-MS geometry (PE grid 128, pe_interpolation 2, micro-conditions, 120 tokens), tiny widths."""
+    return tiny(hidden_size=96, num_heads=6, caption_channels=TINY_CAPTION_WIDTH, model_max_length=120,
+                sample_size=128, pe_interpolation=2.0, resolution=1024, micro_condition=True, family="alpha")
+
+
+def write_tiny_alpha_diffusers_file(path, seed: int = 3) -> Path:
+    """A PixArt-α 1024 transformer in diffusers keys in one safetensors file (PixArt-LCM's layout)."""
+    from pixart_core.loading import official_to_diffusers
+    sd = official_to_diffusers(random_model(tiny_alpha_1024_config(), seed=seed).state_dict())
+    sd = {k: v.detach().float().contiguous() for k, v in sd.items() if k != "y_embedding"}  # diffusers drops it
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
     return path
 
 
@@ -235,6 +258,8 @@ def write_released_standins(models_dir, which=tuple(RELEASED)) -> list[Path]:
             out.append(write_tiny_pixart_pth(target, sample_size=128, seed=0))
         elif name == PIXART_2K:
             out.append(write_tiny_pixart_pth(target, sample_size=256, seed=1))
+        elif name == PIXART_LCM:
+            out.append(write_tiny_alpha_diffusers_file(target))
         elif name == T5_XXL:
             out.append(t5_fixtures.write_tiny_t5_single_file(target, "fp16"))
         elif name == SDXL_VAE:

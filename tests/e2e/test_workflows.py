@@ -98,6 +98,14 @@ CASES = {
                  "Pass 2: 2K, denoise 0.5": {"denoise": 0.5}},
         overrides={"PixArtSuiteResolution": {"size_class": "256"}},
         why="the 2048 x 2048 pass: 4.2 MP to decode, 40-100 s here, plus a 2K DiT step"),
+    "txt2img_lcm_4step": Case(
+        size=(512, 512), bin=(1024, 1024),
+        shipped={"PixArtSuiteModelLoader": {"ckpt_name": fx.PIXART_LCM}, "VAELoader": {"vae_name": cfx.SD15_VAE},
+                 "PixArtSuiteT5TextEncode": {"max_length": "α: 120 tokens"},
+                 "PixArtSuiteSampler": {"preset": "LCM 4 steps", "steps": 4, "cfg": 1.0, "sampler_name": "lcm",
+                                        "step_grid": "lcm"}},
+        overrides={"PixArtSuiteResolution": {"size_class": "512"}},
+        why="the preset runs its 4 steps whatever the steps widget says; 512 px keeps that to seconds here"),
     "img2img": Case(
         size=(1024, 1024), bin=(1024, 1024),  # ComfyUI's input/example.png (768 x 768) resized and cropped to the 1024 bin
         shipped={"LoadImage": {"image": "example.png"}, "PixArtSuiteSampler": {"denoise": 0.6}}),
