@@ -372,17 +372,26 @@ def measure(name: str, models: Path, base: Path, steps: int, depth: int, timeout
         api = prepare_prompt(host, name, steps, depth)
         sampler = Sampler(host.proc.pid, host.log_path)
         sampler.start()
-        capped = False
+        capped, killed = False, None
         try:
             entry = host.wait(host.queue(api), timeout=timeout, poll=0.5)
             ok, error = True, None
             del entry
-        except comfy_host.HostError as e:
+        except (comfy_host.HostError, OSError) as e:
             ok, error = False, str(e)[:2000]
             capped = "not finished after" in str(e)
-        final = read_status(host.proc.pid)
+            # the kernel's OOM killer ends the server with SIGKILL: its peak so far is a lower bound
+            time.sleep(1)
+            if host.proc.poll() is not None:
+                killed = host.proc.returncode
         sampler.stop_flag.set()
         sampler.join()
+        if killed is not None:
+            return {"workflow": name, "ok": False, "error": error, "steps": steps, "depth": depth,
+                    "wall_s": round(time.monotonic() - t0, 1), "idle": idle, "peak_vmhwm": sampler.peak["VmRSS"],
+                    "peak_sampled": sampler.peak, "at_peak": sampler.at_peak, "capped": False, "killed": killed,
+                    "timeout_s": timeout, "stages": sampler.stages, "last_stage": sampler.stage}
+        final = read_status(host.proc.pid)
     return {"workflow": name, "ok": ok, "error": error, "steps": steps, "depth": depth,
             "wall_s": round(time.monotonic() - t0, 1), "idle": idle, "peak_vmhwm": final.get("VmHWM"),
             "peak_sampled": sampler.peak, "at_peak": sampler.at_peak, "capped": capped,
@@ -415,6 +424,14 @@ def table(results: list[dict]) -> str:
              "|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (WORKFLOWS.index(r["workflow"]) if r["workflow"] in WORKFLOWS else 99,
                                             r["depth"], r["steps"])):
+        if r.get("killed") is not None:
+            lines.append(f"| `{r['workflow']}` | server killed (exit {r['killed']}, the kernel's OOM killer on this "
+                         f"23 GiB machine) in \"{r['last_stage'][:70]}\": "
+                         f"{r['peak_vmhwm'] / GIB:.2f} / {r['peak_sampled']['RssAnon'] / GIB:.2f} GiB last sampled "
+                         f"(d = {r['depth']}, {r['steps']} step{'s' if r['steps'] > 1 else ''}) | "
+                         f"{r['added_bytes'] / GIB:.2f} GiB | **> {r['peak_full_bytes'] / GIB:.1f} GiB** | "
+                         f"**> {r['peak_anon_full_bytes'] / GIB:.1f} GiB** | {r['wall_s']:.0f} |")
+            continue
         if r.get("capped"):
             lines.append(f"| `{r['workflow']}` | stopped at the {r['timeout_s']:.0f} s cap in \"{r['last_stage'][:70]}\": "
                          f"{r['peak_vmhwm'] / GIB:.2f} / {r['peak_sampled']['RssAnon'] / GIB:.2f} GiB so far "
@@ -436,7 +453,7 @@ def report(path: Path) -> str:
     """Recompute the 28-block figures of every stored run and rewrite the .md table."""
     done = json.loads(path.read_text())
     for r in done["runs"]:
-        if r["ok"] or r.get("capped"):
+        if r["ok"] or r.get("capped") or r.get("killed") is not None:
             r.update(extrapolate(r, done["info"][f"depth{r['depth']}"]))
     path.write_text(json.dumps(done, indent=2))
     text = table(done["runs"])
@@ -465,7 +482,7 @@ def main(argv=None) -> int:
     for name in args.workflows:
         log.info("== %s (depth %d, %d step)", name, args.depth, args.steps)
         r = measure(name, args.cache / f"models_depth{args.depth}", args.cache / "base", args.steps, args.depth, args.timeout)
-        if r["ok"] or r["capped"]:
+        if r["ok"] or r["capped"] or r.get("killed") is not None:
             r.update(extrapolate(r, info))
         log.info("%s: %s", name, json.dumps({k: r.get(k) for k in ("ok", "peak_vmhwm", "peak_full_bytes", "wall_s", "error")}))
         done["runs"] = [x for x in done["runs"] if (x["workflow"], x["depth"], x["steps"]) != (name, args.depth, args.steps)]
