@@ -418,6 +418,13 @@ def extrapolate(result: dict, info: dict, cn_copies: int = CONTROLNET_COPIES) ->
             "peak_anon_full_bytes": result["peak_sampled"]["RssAnon"] + add}
 
 
+def run_label(r: dict) -> str:
+    label = f"d = {r['depth']}, {r['steps']} step{'s' if r['steps'] > 1 else ''}"
+    if r["workflow"] in TRAIN_TOKENS:
+        label += f", {max(r['steps'], TRAIN_MIN_STEPS)} training steps"
+    return label
+
+
 def table(results: list[dict]) -> str:
     lines = ["| workflow | measured: peak RSS / peak anonymous (depth, steps) | + left-out blocks | "
              "**peak RSS, 28 blocks** | **peak anonymous, 28 blocks** | run (s) |",
@@ -428,14 +435,14 @@ def table(results: list[dict]) -> str:
             lines.append(f"| `{r['workflow']}` | server killed (exit {r['killed']}, the kernel's OOM killer on this "
                          f"23 GiB machine) in \"{r['last_stage'][:70]}\": "
                          f"{r['peak_vmhwm'] / GIB:.2f} / {r['peak_sampled']['RssAnon'] / GIB:.2f} GiB last sampled "
-                         f"(d = {r['depth']}, {r['steps']} step{'s' if r['steps'] > 1 else ''}) | "
+                         f"({run_label(r)}) | "
                          f"{r['added_bytes'] / GIB:.2f} GiB | **> {r['peak_full_bytes'] / GIB:.1f} GiB** | "
                          f"**> {r['peak_anon_full_bytes'] / GIB:.1f} GiB** | {r['wall_s']:.0f} |")
             continue
         if r.get("capped"):
             lines.append(f"| `{r['workflow']}` | stopped at the {r['timeout_s']:.0f} s cap in \"{r['last_stage'][:70]}\": "
                          f"{r['peak_vmhwm'] / GIB:.2f} / {r['peak_sampled']['RssAnon'] / GIB:.2f} GiB so far "
-                         f"(d = {r['depth']}, {r['steps']} step{'s' if r['steps'] > 1 else ''}) | "
+                         f"({run_label(r)}) | "
                          f"{r['added_bytes'] / GIB:.2f} GiB | **≥ {r['peak_full_bytes'] / GIB:.1f} GiB** | "
                          f"**≥ {r['peak_anon_full_bytes'] / GIB:.1f} GiB** | {r['wall_s']:.0f} |")
             continue
@@ -443,7 +450,7 @@ def table(results: list[dict]) -> str:
             lines.append(f"| `{r['workflow']}` | failed: {(r['error'] or '')[:160]!r} | | | | {r['wall_s']:.0f} |")
             continue
         lines.append(f"| `{r['workflow']}` | {r['peak_vmhwm'] / GIB:.2f} / {r['peak_sampled']['RssAnon'] / GIB:.2f} GiB "
-                     f"(d = {r['depth']}, {r['steps']} step{'s' if r['steps'] > 1 else ''}) | "
+                     f"({run_label(r)}) | "
                      f"{r['added_bytes'] / GIB:.2f} GiB | **{r['peak_full_bytes'] / GIB:.1f} GiB** | "
                      f"**{r['peak_anon_full_bytes'] / GIB:.1f} GiB** | {r['wall_s']:.0f} |")
     return "\n".join(lines)
