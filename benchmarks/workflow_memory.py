@@ -6,8 +6,9 @@
 Writes random weight files of the released sizes and layouts (once, into --cache, outside git):
 the PixArt-Σ 1024 and 2K `.pth` (official container, fp32), a 24-layer T5 v1.1 XXL as ComfyUI's
 single-file `t5xxl_fp16.safetensors` (HF names, fp16, streamed to disk so writing it needs no
-19 GB), the SDXL VAE (diffusers names, fp32: ComfyUI converts them) and a Σ canny ControlNet
-(diffusers layout). Then runs each workflow in the real ComfyUI host (scripts/comfy_host.py, --cpu),
+19 GB), the SDXL VAE (diffusers names, fp32: ComfyUI converts them; also linked as the SD1.5 VAE,
+which has the same architecture and size), a Σ canny ControlNet (diffusers layout), PixArt-α 1024-MS
+with its HED ControlNet in one official `.pth` and RealESRGAN_x4plus (23 RRDB blocks). Then runs each workflow in the real ComfyUI host (scripts/comfy_host.py, --cpu),
 one server process at a time, with the sampler / training steps set to --steps, and samples the
 server process's /proc status (VmRSS, RssAnon, RssFile, VmHWM) every 0.1 s.
 
@@ -17,7 +18,10 @@ blocks' exact weight bytes are added: peak(28) = peak(depth) + (28 - depth) x by
 (13 - depth) x bytes(copy) for the ControlNet. This holds because a step keeps only the residual
 stream between blocks (activations are per block, so they do not grow with depth) and the weights
 are resident while the workflow runs; it is checked by measuring txt2img_1024 at two depths. It is
-an upper bound if the peak falls before the PixArt model is loaded. Training with gradient
+an upper bound if the peak falls before the PixArt model is loaded. A ControlNet copy i feeds base
+block i + 1, so ControlNet workflows need --depth >= 2 and run depth - 1 copies. Training runs at least
+2 steps (stock Loss Graph divides by steps - 1). A run that passes --timeout, or whose server the OOM
+killer ends, keeps its peak so far and the server-log stage it had reached (a lower bound). Training with gradient
 checkpointing also keeps one residual-stream copy and LoRA/optimizer state per block; that part is
 added too (see `train_extra_per_block`). The T5, VAE and upscaler are always full size.
 """
