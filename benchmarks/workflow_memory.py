@@ -6,8 +6,9 @@
 Writes random weight files of the released sizes and layouts (once, into --cache, outside git):
 the PixArt-Σ 1024 and 2K `.pth` (official container, fp32), a 24-layer T5 v1.1 XXL as ComfyUI's
 single-file `t5xxl_fp16.safetensors` (HF names, fp16, streamed to disk so writing it needs no
-19 GB), the SDXL VAE (diffusers names, fp32: ComfyUI converts them) and a Σ canny ControlNet
-(diffusers layout). Then runs each workflow in the real ComfyUI host (scripts/comfy_host.py, --cpu),
+19 GB), the SDXL VAE (diffusers names, fp32: ComfyUI converts them; also linked as the SD1.5 VAE,
+which has the same architecture and size), a Σ canny ControlNet (diffusers layout), PixArt-α 1024-MS
+with its HED ControlNet in one official `.pth` and RealESRGAN_x4plus (23 RRDB blocks). Then runs each workflow in the real ComfyUI host (scripts/comfy_host.py, --cpu),
 one server process at a time, with the sampler / training steps set to --steps, and samples the
 server process's /proc status (VmRSS, RssAnon, RssFile, VmHWM) every 0.1 s.
 
@@ -17,7 +18,10 @@ blocks' exact weight bytes are added: peak(28) = peak(depth) + (28 - depth) x by
 (13 - depth) x bytes(copy) for the ControlNet. This holds because a step keeps only the residual
 stream between blocks (activations are per block, so they do not grow with depth) and the weights
 are resident while the workflow runs; it is checked by measuring txt2img_1024 at two depths. It is
-an upper bound if the peak falls before the PixArt model is loaded. Training with gradient
+an upper bound if the peak falls before the PixArt model is loaded. A ControlNet copy i feeds base
+block i + 1, so ControlNet workflows need --depth >= 2 and run depth - 1 copies. Training runs at least
+2 steps (stock Loss Graph divides by steps - 1). A run that passes --timeout, or whose server the OOM
+killer ends, keeps its peak so far and the server-log stage it had reached (a lower bound). Training with gradient
 checkpointing also keeps one residual-stream copy and LoRA/optimizer state per block; that part is
 added too (see `train_extra_per_block`). The T5, VAE and upscaler are always full size.
 """
@@ -372,17 +376,26 @@ def measure(name: str, models: Path, base: Path, steps: int, depth: int, timeout
         api = prepare_prompt(host, name, steps, depth)
         sampler = Sampler(host.proc.pid, host.log_path)
         sampler.start()
-        capped = False
+        capped, killed = False, None
         try:
             entry = host.wait(host.queue(api), timeout=timeout, poll=0.5)
             ok, error = True, None
             del entry
-        except comfy_host.HostError as e:
+        except (comfy_host.HostError, OSError) as e:
             ok, error = False, str(e)[:2000]
             capped = "not finished after" in str(e)
-        final = read_status(host.proc.pid)
+            # the kernel's OOM killer ends the server with SIGKILL: its peak so far is a lower bound
+            time.sleep(1)
+            if host.proc.poll() is not None:
+                killed = host.proc.returncode
         sampler.stop_flag.set()
         sampler.join()
+        if killed is not None:
+            return {"workflow": name, "ok": False, "error": error, "steps": steps, "depth": depth,
+                    "wall_s": round(time.monotonic() - t0, 1), "idle": idle, "peak_vmhwm": sampler.peak["VmRSS"],
+                    "peak_sampled": sampler.peak, "at_peak": sampler.at_peak, "capped": False, "killed": killed,
+                    "timeout_s": timeout, "stages": sampler.stages, "last_stage": sampler.stage}
+        final = read_status(host.proc.pid)
     return {"workflow": name, "ok": ok, "error": error, "steps": steps, "depth": depth,
             "wall_s": round(time.monotonic() - t0, 1), "idle": idle, "peak_vmhwm": final.get("VmHWM"),
             "peak_sampled": sampler.peak, "at_peak": sampler.at_peak, "capped": capped,
@@ -409,16 +422,31 @@ def extrapolate(result: dict, info: dict, cn_copies: int = CONTROLNET_COPIES) ->
             "peak_anon_full_bytes": result["peak_sampled"]["RssAnon"] + add}
 
 
+def run_label(r: dict) -> str:
+    label = f"d = {r['depth']}, {r['steps']} step{'s' if r['steps'] > 1 else ''}"
+    if r["workflow"] in TRAIN_TOKENS:
+        label += f", {max(r['steps'], TRAIN_MIN_STEPS)} training steps"
+    return label
+
+
 def table(results: list[dict]) -> str:
     lines = ["| workflow | measured: peak RSS / peak anonymous (depth, steps) | + left-out blocks | "
              "**peak RSS, 28 blocks** | **peak anonymous, 28 blocks** | run (s) |",
              "|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (WORKFLOWS.index(r["workflow"]) if r["workflow"] in WORKFLOWS else 99,
                                             r["depth"], r["steps"])):
+        if r.get("killed") is not None:
+            lines.append(f"| `{r['workflow']}` | server killed (exit {r['killed']}, the kernel's OOM killer on this "
+                         f"23 GiB machine) in \"{r['last_stage'][:70]}\": "
+                         f"{r['peak_vmhwm'] / GIB:.2f} / {r['peak_sampled']['RssAnon'] / GIB:.2f} GiB last sampled "
+                         f"({run_label(r)}) | "
+                         f"{r['added_bytes'] / GIB:.2f} GiB | **> {r['peak_full_bytes'] / GIB:.1f} GiB** | "
+                         f"**> {r['peak_anon_full_bytes'] / GIB:.1f} GiB** | {r['wall_s']:.0f} |")
+            continue
         if r.get("capped"):
             lines.append(f"| `{r['workflow']}` | stopped at the {r['timeout_s']:.0f} s cap in \"{r['last_stage'][:70]}\": "
                          f"{r['peak_vmhwm'] / GIB:.2f} / {r['peak_sampled']['RssAnon'] / GIB:.2f} GiB so far "
-                         f"(d = {r['depth']}, {r['steps']} step{'s' if r['steps'] > 1 else ''}) | "
+                         f"({run_label(r)}) | "
                          f"{r['added_bytes'] / GIB:.2f} GiB | **≥ {r['peak_full_bytes'] / GIB:.1f} GiB** | "
                          f"**≥ {r['peak_anon_full_bytes'] / GIB:.1f} GiB** | {r['wall_s']:.0f} |")
             continue
@@ -426,7 +454,7 @@ def table(results: list[dict]) -> str:
             lines.append(f"| `{r['workflow']}` | failed: {(r['error'] or '')[:160]!r} | | | | {r['wall_s']:.0f} |")
             continue
         lines.append(f"| `{r['workflow']}` | {r['peak_vmhwm'] / GIB:.2f} / {r['peak_sampled']['RssAnon'] / GIB:.2f} GiB "
-                     f"(d = {r['depth']}, {r['steps']} step{'s' if r['steps'] > 1 else ''}) | "
+                     f"({run_label(r)}) | "
                      f"{r['added_bytes'] / GIB:.2f} GiB | **{r['peak_full_bytes'] / GIB:.1f} GiB** | "
                      f"**{r['peak_anon_full_bytes'] / GIB:.1f} GiB** | {r['wall_s']:.0f} |")
     return "\n".join(lines)
@@ -436,7 +464,7 @@ def report(path: Path) -> str:
     """Recompute the 28-block figures of every stored run and rewrite the .md table."""
     done = json.loads(path.read_text())
     for r in done["runs"]:
-        if r["ok"] or r.get("capped"):
+        if r["ok"] or r.get("capped") or r.get("killed") is not None:
             r.update(extrapolate(r, done["info"][f"depth{r['depth']}"]))
     path.write_text(json.dumps(done, indent=2))
     text = table(done["runs"])
@@ -465,7 +493,7 @@ def main(argv=None) -> int:
     for name in args.workflows:
         log.info("== %s (depth %d, %d step)", name, args.depth, args.steps)
         r = measure(name, args.cache / f"models_depth{args.depth}", args.cache / "base", args.steps, args.depth, args.timeout)
-        if r["ok"] or r["capped"]:
+        if r["ok"] or r["capped"] or r.get("killed") is not None:
             r.update(extrapolate(r, info))
         log.info("%s: %s", name, json.dumps({k: r.get(k) for k in ("ok", "peak_vmhwm", "peak_full_bytes", "wall_s", "error")}))
         done["runs"] = [x for x in done["runs"] if (x["workflow"], x["depth"], x["steps"]) != (name, args.depth, args.steps)]

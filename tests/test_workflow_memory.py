@@ -54,3 +54,26 @@ def test_training_extra_per_block_counts_checkpoint_and_adam_state():
     d, rank = 1152, 16
     lora = rank * (d + 3 * d) + 3 * rank * (2 * d) + rank * (d + 2 * d) + 2 * rank * (d + 4 * d)
     assert wm.train_extra_per_block(tokens=4096, rank=rank) == 4096 * d * 2 + 4 * lora * 4
+
+
+def test_controlnet_extrapolation_adds_left_out_blocks_and_copies():
+    info = {"block_bytes_fp32": 10, "controlnet_copy_bytes_fp32": 100, "controlnet_copies": 1,
+            "alpha_block_bytes_fp32": 10, "alpha_controlnet_copy_bytes_fp32": 100}
+    run = {"workflow": "controlnet_canny", "depth": 2, "peak_vmhwm": 1000, "peak_sampled": {"RssAnon": 500}}
+    out = wm.extrapolate(run, info)
+    assert out["added_bytes"] == 26 * 10 + 12 * 100
+    assert wm.extrapolate({**run, "workflow": "controlnet_hed_alpha"}, info)["added_bytes"] == 26 * 10 + 12 * 100
+    assert out["peak_full_bytes"] == 1000 + 1460 and out["peak_anon_full_bytes"] == 500 + 1460
+    assert wm.controlnet_copies(2) == 1  # copy i feeds block i + 1: fewer copies than base blocks
+
+
+def test_rrdbnet_is_real_esrgan_x4plus_size():
+    sd = wm.rrdbnet_state_dict(**wm.ESRGAN_X4)
+    assert sum(v.numel() for v in sd.values()) == 16_697_987  # RealESRGAN_x4plus.pth's params_ema
+    assert "body.22.rdb3.conv5.weight" in sd and "body.23.rdb1.conv1.weight" not in sd
+
+
+def test_log_stage_skips_progress_bars():
+    text = "PixArt: T5 ready\nRequested to load AutoencoderKL\r  0%|          | 0/1 [00:00<?, ?it/s]\n"
+    assert wm.log_stage(text, "start") == "Requested to load AutoencoderKL"
+    assert wm.log_stage(" 50%|#####     | 1/2 [00:02<00:02, 2.1s/it]", "before") == "before"
