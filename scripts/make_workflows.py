@@ -302,13 +302,13 @@ def txt2img_2k(oi) -> tuple[Workflow, str]:
     wf = Workflow("txt2img_2k", oi)
     ids = _common(wf, PIXART_2K, _note([PIXART_2K, T5_XXL, SDXL_VAE], "PixArt-Σ text to image, 2K",
                                        "The 2K weights generate at the 2048-class bins; 0.57 is about 16:9 "
-                                       "landscape (2688 x 1536). VAE Decode falls back to tiles by itself if "
-                                       "the GPU runs out of memory."))
+                                       "landscape (2688 x 1536). VAE Decode (Tiled) keeps the 2K decode within "
+                                       "24 GB of RAM (the plain VAE Decode needs more on the CPU)."))
     res = wf.node("PixArtSuiteResolution", (X1, 460), (430, 180),
                   {"size_class": "2048", "aspect_ratio": "0.57 landscape"}, color=OURS)
     wf.link(ids["model"], 0, res, "model")
     s = _sampler(wf, (X2, 0), ids["model"], ids, (res, "latent"))
-    _decode_save(wf, s, 0, ids["vae"], "PixArt-Sigma_2K")
+    _decode_save(wf, s, 0, ids["vae"], "PixArt-Sigma_2K", tiled=True)
     return wf, "2688 x 1536"
 
 
@@ -345,7 +345,7 @@ def hires_fix(oi) -> tuple[Workflow, str]:
     model_2k = wf.node("PixArtSuiteModelLoader", (X0, 500), (360, 180), {"ckpt_name": PIXART_2K},
                        title="Load PixArt-Σ Model (2K, pass 2)", color=OURS)
     second = _sampler(wf, (X3, 0), model_2k, ids, (up, 0), denoise=0.5, title="Pass 2: 2K, denoise 0.5")
-    _decode_save(wf, second, 0, ids["vae"], "PixArt-Sigma_hires_2K", x=X3 + 380)
+    _decode_save(wf, second, 0, ids["vae"], "PixArt-Sigma_hires_2K", tiled=True, x=X3 + 380)
     return wf, "1024 -> 2048 x 2048"
 
 
@@ -570,7 +570,10 @@ def _training(wf: Workflow, ids: Mapping[str, int], model: int, size_class: str,
     wf.link(data, "images", crop, "image")
     wf.link(res, "width", crop, "width")
     wf.link(res, "height", crop, "height")
-    enc = wf.node("VAEEncode", (X1, y + 150), (210, 50))
+    if size_class == "from model":
+        enc = wf.node("VAEEncode", (X1, y + 150), (210, 50))
+    else:  # 2K/4K training images: tiles keep the encode within 24 GB of RAM
+        enc = wf.node("VAEEncodeTiled", (X1, y + 110), (210, 160), {"tile_size": 1024, "overlap": 64})
     wf.link(crop, 0, enc, "pixels")
     wf.link(ids["vae"], 0, enc, "vae")
     rebatch = wf.node("RebatchLatents", (X1 + 230, y + 150), (200, 80), {"batch_size": 1})
@@ -617,7 +620,7 @@ def _train_and_sample(name: str, oi, ckpt: str, what: str, note: str, train_size
         wf.link(model, 0, res, "model")
     loaded = _training(wf, ids, model, train_size)
     s = _sampler(wf, (X2, 0), loaded, ids, (res, "latent"), title="PixArt Sampler (with the trained LoRA)")
-    _decode_save(wf, s, 0, ids["vae"], prefix, tiled=kv)
+    _decode_save(wf, s, 0, ids["vae"], prefix, tiled=kv or sample_size != "from model")
     return wf
 
 
