@@ -29,12 +29,7 @@ SIZE = 128  # 16 x 16 latents
 BETAS = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear")  # PixArt's training schedule
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,7 @@ from pixart_core.samplers import SAMPLERS, PixArtDenoiser
 CONTEXT = torch.zeros(2, 3, 8)  # the stub ε-model ignores captions
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Every tensor here is tiny; with 2 intra-op threads on a busy 2-core machine each op waits on
-    # thread hand-offs (a 16x16 conv took 30 ms instead of 0.2 ms).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class StubEps:
