@@ -100,24 +100,9 @@ def write_alpha_controlnet_pth(path, seed: int = 2) -> Path:
 
 
 def tiny_rrdbnet_state_dict(num_filters: int = 8, growth: int = 32, scale: int = 4, seed: int = 4) -> dict:
-    """Real-ESRGAN's RRDBNet key names (conv_first, body.N.rdbK.convJ, conv_body, conv_upI, conv_hr, conv_last)."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def conv(prefix, n_in, n_out):
-        w = torch.randn(n_out, n_in, 3, 3, generator=gen) * (n_in * 9) ** -0.5
-        return {prefix + "weight": w, prefix + "bias": torch.randn(n_out, generator=gen) * 0.01}
-
-    sd = conv("conv_first.", 3, num_filters)
-    for k in (1, 2, 3):
-        for j in range(1, 6):
-            n_out = num_filters if j == 5 else growth
-            sd.update(conv(f"body.0.rdb{k}.conv{j}.", num_filters + (j - 1) * growth, n_out))
-    sd.update(conv("conv_body.", num_filters, num_filters))
-    for i in range(1, {2: 1, 4: 2}[scale] + 1):
-        sd.update(conv(f"conv_up{i}.", num_filters, num_filters))
-    sd.update(conv("conv_hr.", num_filters, num_filters))
-    sd.update(conv("conv_last.", num_filters, 3))
-    return sd
+    """A one-block Real-ESRGAN RRDBNet in its own key names (benchmarks.workflow_memory writes the real size)."""
+    from benchmarks.workflow_memory import rrdbnet_state_dict
+    return rrdbnet_state_dict(num_feat=num_filters, num_block=1, num_grow=growth, scale=scale, seed=seed)
 
 
 def write_models(models_dir) -> None:
